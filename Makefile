@@ -1,0 +1,29 @@
+# Entry points: `make demo` and `make test`. Both create .venv (python3.11), install the pinned
+# dependencies, build the extension in place, then run. Everything else is a helper target.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+export PAGED_ATTN_BUILD_SIM ?= 1
+
+.PHONY: demo test build deps
+
+deps: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+build: deps
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+demo: build
+	$(PY) bench/demo.py
