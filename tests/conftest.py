@@ -1,0 +1,6 @@
+"""pytest configuration: makes tests/cases.py importable as `cases`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
