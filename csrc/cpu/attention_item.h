@@ -1,0 +1,160 @@
+// The algorithm of one paged_attention work item, written once over an instruction-set policy.
+//
+// `Isa` supplies the three inner loops that decide the speed: score_block (q . k for a GQA
+// group and one block of K rows), softmax_block (exp and sum of one row of scores) and
+// accumulate_block (acc += p * v for a group and one block of V rows). Everything else, which
+// runs once per block rather than once per element, lives here: block iteration with the
+// sliding window, scale / soft-cap / ALiBi, the online-softmax merge, the output write.
+//
+// attention_portable.cpp and attention_avx512.cpp each include this file with their own policy;
+// the AVX-512 one compiles it under a wider target. Hence the unnamed namespace: each
+// translation unit keeps its own copy, which the linker can never mix up.
+#pragma once
+
+#include <cmath>
+#include <cstring>
+
+#include "core/params.h"
+#include "core/softmax_state.h"
+#include "cpu/attention.h"
+#include "cpu/dtype_dispatch.h"
+
+namespace paged_attn::cpu {
+namespace {
+
+// Applies scale, soft-cap and ALiBi to the raw q . k products of one block, in place.
+// scores: [group_size, padded_block_size]; only columns [begin, end) hold data.
+template <typename KV>
+void transform_scores(const PagedAttentionParams& params, const AttentionPlan& plan,
+                      const AttendedRange& range, int64_t block_start, int32_t first_query_head,
+                      const BlockRows<KV>& keys, float score_scale, float* scores) {
+  const float cap = params.logits_soft_cap;
+  for (int32_t g = 0; g < plan.group_size; ++g) {
+    float* row = scores + g * plan.padded_block_size;
+    for (int32_t t = keys.begin; t < keys.end; ++t) row[t] *= score_scale;
+    if (cap > 0.0f) {
+      for (int32_t t = keys.begin; t < keys.end; ++t) row[t] = cap * std::tanh(row[t] / cap);
+    }
+    if (params.alibi_slopes != nullptr) {
+      // ALiBi adds slope * (position - last position): 0 for the newest token, negative before.
+      const float slope = params.alibi_slopes[first_query_head + g];
+      const int64_t last_position = range.seq_len - 1;
+      for (int32_t t = keys.begin; t < keys.end; ++t) {
+        row[t] += slope * static_cast<float>(block_start + t - last_position);
+      }
+    }
+  }
+}
+
+template <class Isa, typename Q, typename KV>
+void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& plan,
+                      int64_t item_index, const Workspace& workspace) {
+  WorkItem item = plan.item(item_index);
+  item.end_kv_head = std::min(item.end_kv_head, params.num_kv_heads);
+  const int32_t group_size = plan.group_size;
+  const int32_t head_size = params.head_size;
+  const int64_t row_length = plan.padded_head_size;
+  const int32_t first_query_head = item.first_kv_head * group_size;
+  const int32_t num_query_heads = (item.end_kv_head - item.first_kv_head) * group_size;
+  const int64_t block_size = params.key_layout.block_size;
+
+  const AttendedRange range(params.seq_lens[item.seq], params.sliding_window, block_size);
+  const int64_t first_block = range.first_block + int64_t{item.partition} * plan.blocks_per_partition;
+  const int64_t end_block = std::min(range.end_block, first_block + plan.blocks_per_partition);
+
+  // The item's queries in fp32, its zeroed accumulators and empty softmax states.
+  const Q* query = static_cast<const Q*>(params.query) + item.seq * params.query_seq_stride;
+  for (int32_t h = 0; h < num_query_heads; ++h) {
+    const Q* source = query + (first_query_head + h) * params.query_head_stride;
+    float* converted = workspace.queries + h * row_length;
+    for (int32_t d = 0; d < head_size; ++d) converted[d] = static_cast<float>(source[d]);
+    std::fill(converted + head_size, converted + row_length, 0.0f);
+    std::fill(workspace.accumulators + h * row_length,
+              workspace.accumulators + (h + 1) * row_length, 0.0f);
+    workspace.states[h] = SoftmaxState{};
+  }
+
+  // fp8 caches hold value / scale: the key scale folds into the score scale, the value scale
+  // into the final output factor.
+  const float score_scale = params.scale * (params.k_scale ? *params.k_scale : 1.0f);
+  const float value_scale = params.v_scale ? *params.v_scale : 1.0f;
+  const KV* key_cache = static_cast<const KV*>(params.key_cache);
+  const KV* value_cache = static_cast<const KV*>(params.value_cache);
+  const int32_t* block_table = params.block_tables + item.seq * params.block_table_stride;
+
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t physical = block_table[block];
+    const int64_t next_physical = block + 1 < end_block ? block_table[block + 1] : -1;
+    const int64_t block_start = block * block_size;
+    const int32_t begin = static_cast<int32_t>(std::max<int64_t>(range.first_token - block_start, 0));
+    const int32_t end = static_cast<int32_t>(std::min<int64_t>(range.seq_len - block_start, block_size));
+
+    for (int32_t kv_head = item.first_kv_head; kv_head < item.end_kv_head; ++kv_head) {
+      const int32_t local_head = (kv_head - item.first_kv_head) * group_size;
+      const auto rows_of = [&](const KV* cache, const CacheLayout& layout) {
+        return BlockRows<KV>{
+            cache + layout.offset(physical, 0, kv_head),
+            next_physical >= 0 ? cache + layout.offset(next_physical, 0, kv_head) : nullptr,
+            layout.token_stride, begin, end};
+      };
+      const BlockRows<KV> keys = rows_of(key_cache, params.key_layout);
+      const BlockRows<KV> values = rows_of(value_cache, params.value_layout);
+      const QueryGroup<Q> group{query + (first_query_head + local_head) * params.query_head_stride,
+                                params.query_head_stride,
+                                workspace.queries + local_head * row_length, group_size};
+      float* accumulators = workspace.accumulators + local_head * row_length;
+
+      Isa::score_block(group, keys, head_size, row_length, plan.padded_block_size,
+                       workspace.scores, workspace.row);
+      transform_scores(params, plan, range, block_start, first_query_head + local_head, keys,
+                       score_scale, workspace.scores);
+      // Online softmax: fold this block's scores into each head's running state, rescale the
+      // accumulator onto the new maximum, and turn the scores into weights on that maximum.
+      for (int32_t g = 0; g < group_size; ++g) {
+        float* probabilities = workspace.scores + g * plan.padded_block_size;
+        const SoftmaxState block_state = Isa::softmax_block(probabilities + begin, end - begin);
+        const SoftmaxState::Rescale rescale = workspace.states[local_head + g].merge(block_state);
+        if (rescale.self != 1.0f) {
+          float* accumulator = accumulators + g * row_length;
+          for (int64_t d = 0; d < row_length; ++d) accumulator[d] *= rescale.self;
+        }
+        if (rescale.other != 1.0f) {
+          for (int32_t t = begin; t < end; ++t) probabilities[t] *= rescale.other;
+        }
+      }
+      Isa::accumulate_block(workspace.scores, plan.padded_block_size, values, head_size,
+                            group_size, accumulators, row_length, workspace.row);
+    }
+  }
+
+  // Finish: the output row itself when the sequence has one partition, else a partial result
+  // for the combine step.
+  for (int32_t h = 0; h < num_query_heads; ++h) {
+    const float* accumulator = workspace.accumulators + h * row_length;
+    const SoftmaxState& state = workspace.states[h];
+    const int32_t head = first_query_head + h;
+    if (plan.partitions_per_seq == 1) {
+      Q* out = static_cast<Q*>(params.out) + item.seq * params.out_seq_stride +
+               head * params.out_head_stride;
+      store_row(out, accumulator, head_size, state.inverse_sum() * value_scale);
+    } else {
+      const int64_t index = plan.partial_index(item.seq, head, params.num_heads, item.partition);
+      plan.partial_states[index] = state;
+      std::memcpy(plan.partial_accumulators + index * row_length, accumulator,
+                  sizeof(float) * row_length);
+    }
+  }
+}
+
+// The item kernel of `Isa` for a (query, cache) dtype pair.
+template <class Isa>
+ItemKernel select_item_kernel(ScalarKind query, ScalarKind cache) {
+  return dispatch_query_and_cache_dtypes(query, cache, [](auto query_tag, auto cache_tag) {
+    using Q = typename decltype(query_tag)::type;
+    using KV = typename decltype(cache_tag)::type;
+    return static_cast<ItemKernel>(&attend_work_item<Isa, Q, KV>);
+  });
+}
+
+}  // namespace
+}  // namespace paged_attn::cpu

@@ -1,0 +1,83 @@
+// The portable work-item kernel of paged_attention: plain C++ inner loops, compiled for the
+// baseline instruction set, used on CPUs without AVX-512 and forced in tests with
+// PAGED_ATTN_CPU_ISA=portable (see isa.h). It computes exactly what the AVX-512 kernel
+// computes, in the same order of blocks, so both are checked against one reference.
+#include <cmath>
+
+#include "cpu/attention.h"
+#include "cpu/attention_item.h"
+
+namespace paged_attn::cpu {
+namespace {
+
+// Partial sums kept side by side, so the compiler can vectorize a dot product without being
+// allowed to reassociate floating-point additions.
+constexpr int kLanes = 8;
+
+struct PortableIsa {
+  // Converts the first head_size elements of a K/V row to fp32 in `row`; the padding up to
+  // row_length stays zero, so dot products may run over whole padded rows.
+  template <typename KV>
+  static void convert_row(const KV* source, int32_t head_size, int64_t row_length, float* row) {
+    for (int32_t d = 0; d < head_size; ++d) row[d] = static_cast<float>(source[d]);
+    for (int64_t d = head_size; d < row_length; ++d) row[d] = 0.0f;
+  }
+
+  // scores[g * score_stride + t] = q_g . k_t for the attended tokens t of one block.
+  template <typename Q, typename KV>
+  static void score_block(const QueryGroup<Q>& queries, const BlockRows<KV>& keys,
+                          int32_t head_size, int64_t row_length, int64_t score_stride,
+                          float* scores, float* row) {
+    for (int32_t t = keys.begin; t < keys.end; ++t) {
+      if (keys.next_rows) prefetch_bytes(keys.next_rows + t * keys.token_stride, head_size * sizeof(KV));
+      convert_row(keys.rows + t * keys.token_stride, head_size, row_length, row);
+      for (int32_t g = 0; g < queries.group_size; ++g) {
+        const float* query = queries.converted + g * row_length;
+        float lanes[kLanes] = {};
+        for (int64_t d = 0; d < row_length; d += kLanes) {
+          for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += query[d + lane] * row[d + lane];
+        }
+        float dot = 0.0f;
+        for (float lane : lanes) dot += lane;
+        scores[g * score_stride + t] = dot;
+      }
+    }
+  }
+
+  // Replaces scores[0..count) by exp(score - max) and returns their (max, sum).
+  static SoftmaxState softmax_block(float* scores, int32_t count) {
+    SoftmaxState state;
+    for (int32_t i = 0; i < count; ++i) state.max = std::fmax(state.max, scores[i]);
+    for (int32_t i = 0; i < count; ++i) {
+      scores[i] = std::exp(scores[i] - state.max);
+      state.sum += scores[i];
+    }
+    return state;
+  }
+
+  // accumulators[g] += sum_t probabilities[g * probability_stride + t] * v_t over the attended
+  // tokens of one block. accumulators: [group_size, row_length].
+  template <typename KV>
+  static void accumulate_block(const float* probabilities, int64_t probability_stride,
+                               const BlockRows<KV>& values, int32_t head_size,
+                               int32_t group_size, float* accumulators, int64_t row_length,
+                               float* row) {
+    for (int32_t t = values.begin; t < values.end; ++t) {
+      if (values.next_rows) prefetch_bytes(values.next_rows + t * values.token_stride, head_size * sizeof(KV));
+      convert_row(values.rows + t * values.token_stride, head_size, row_length, row);
+      for (int32_t g = 0; g < group_size; ++g) {
+        const float weight = probabilities[g * probability_stride + t];
+        float* accumulator = accumulators + g * row_length;
+        for (int64_t d = 0; d < row_length; ++d) accumulator[d] += weight * row[d];
+      }
+    }
+  }
+};
+
+}  // namespace
+
+ItemKernel portable_item_kernel(ScalarKind query, ScalarKind cache) {
+  return select_item_kernel<PortableIsa>(query, cache);
+}
+
+}  // namespace paged_attn::cpu
