@@ -47,6 +47,9 @@ def cuda_include_dirs():
 
 CXX_FLAGS = ["-O3", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# at::parallel_for runs on torch's OpenMP threads only in code compiled with -fopenmp; without it
+# the CPU kernels silently use one core. At run time libgomp.so.1 is the copy torch has loaded.
+OPENMP_FLAGS = ["-fopenmp"]
 COMMON_SOURCES = ["torch_bindings.cpp", "core/*.cpp"]
 
 
@@ -59,13 +62,15 @@ def library_extension():
             sources(*COMMON_SOURCES, "cpu/*.cpp", "cuda/*.cu", "cuda/*.cpp"),
             include_dirs=[CSRC],
             define_macros=[("PAGED_ATTN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
     return cpp_extension.CppExtension(
         "paged_attn._C",
         sources(*COMMON_SOURCES, "cpu/*.cpp"),
         include_dirs=[CSRC],
-        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
     )
 
 
