@@ -19,8 +19,11 @@ $(VENV)/.deps-installed: requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# The editable install registers the package; the in-place build keeps its objects in build/,
+# so ninja recompiles only what changed.
 build: deps
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	PAGED_ATTN_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) setup.py --quiet build_ext --inplace
 
 test: build
 	$(PY) -m pytest tests -q -p no:cacheprovider

@@ -8,6 +8,7 @@ extension that runs the same CUDA kernel sources on the CPU through our SIMT emu
 Environment:
   PAGED_ATTN_CPU_ONLY=1     skip CUDA even when it is available
   PAGED_ATTN_BUILD_SIM=1    build the emulator extension (make test sets it)
+  PAGED_ATTN_NO_EXT=1       install the Python package only (make builds extensions in place)
   TORCH_CUDA_ARCH_LIST      defaults to "8.0;9.0"
   MAX_JOBS                  parallel compile jobs (default 2)
 """
@@ -87,6 +88,10 @@ def sim_extension():
 extensions = [library_extension()]
 if os.environ.get("PAGED_ATTN_BUILD_SIM") == "1":
     extensions.append(sim_extension())
+if os.environ.get("PAGED_ATTN_NO_EXT") == "1":
+    # `make build` installs the package this way, then runs `setup.py build_ext --inplace`,
+    # whose fixed build directory lets ninja reuse every unchanged object on the next build.
+    extensions = []
 
 os.environ.setdefault("MAX_JOBS", "2")
 
