@@ -159,7 +159,7 @@ def test_copy_mismatched_layers():
     with pytest.raises(RuntimeError, match=r"'key_caches\[1\]' must have the shape of 'layer 0'"):
         OPS.copy_blocks(keys, values, torch.tensor([[0, 1]]))
     keys, values = layer_caches()
-    with pytest.raises(RuntimeError, match=r"value_caches has 1 layers"):
+    with pytest.raises(RuntimeError, match=r"key_caches has 2 layers but value_caches has 1"):
         OPS.copy_blocks(keys, values[:1], torch.tensor([[0, 1]]))
 
 

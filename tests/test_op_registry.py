@@ -74,11 +74,12 @@ def test_compile_write_then_decode_fullgraph():
     slots = case.block_tables.long().gather(1, (lens // block_size)[:, None])[:, 0] * block_size + lens % block_size
     assert (slots >= 0).all(), "the new token's block must already be mapped in this sample"
     grown_lens = case.seq_lens + 1
+    max_seq_len = int(grown_lens.max())  # a host integer, as a serving loop would pass it
 
     def step(key_cache, value_cache):
         paged_attn.write_kv(new_key, new_value, key_cache, value_cache, slots)
         return paged_attn.paged_attention(case.query, key_cache, value_cache, case.block_tables,
-                                          grown_lens, max_seq_len=int(grown_lens.max()))
+                                          grown_lens, max_seq_len=max_seq_len)
 
     eager_caches = (case.key_cache.clone(), case.value_cache.clone())
     compiled_caches = (case.key_cache.clone(), case.value_cache.clone())
