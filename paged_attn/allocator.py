@@ -388,15 +388,23 @@ class BlockTable:
             block_copies.append((shared_block, private_block))
         self._block_ids.extend(new_blocks)
 
-        first = self._num_tokens
+        slot_mapping = self._slots(self._num_tokens, self._num_tokens + num_tokens)
         self._num_tokens += num_tokens
-        slot_mapping = [self._slot(position) for position in range(first, self._num_tokens)]
         self._record_token_ids(token_ids)
         return AppendResult(slot_mapping, block_copies)
 
-    def _slot(self, position: int) -> int:
-        block_index, offset = divmod(position, self.block_size)
-        return self._block_ids[block_index] * self.block_size + offset
+    def _slots(self, start: int, end: int) -> list[int]:
+        """Slots of positions [start, end): one run of consecutive slots per block."""
+        block_size = self.block_size
+        slots: list[int] = []
+        position = start
+        while position < end:
+            block_index, offset = divmod(position, block_size)
+            run = min(block_size - offset, end - position)
+            first_slot = self._block_ids[block_index] * block_size + offset
+            slots.extend(range(first_slot, first_slot + run))
+            position += run
+        return slots
 
     def _record_token_ids(self, token_ids: list[int] | None) -> None:
         """Key every block these tokens fill, while the chain of keys is unbroken."""
