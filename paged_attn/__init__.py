@@ -7,10 +7,17 @@ loaded lazily, so `import paged_attn` never imports transformers.
 
 import importlib
 
-import torch
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from paged_attn import _C
-from paged_attn.allocator import BlockAllocator, BlockTable, OutOfBlocksError
+from paged_attn.allocator import (
+    NO_BLOCK,
+    AppendResult,
+    BlockAllocator,
+    BlockTable,
+    OutOfBlocksError,
+    PrefixCacheStats,
+)
 from paged_attn.ops import copy_blocks, paged_attention, swap_blocks, write_kv
 
 __version__ = "0.1.0"
@@ -21,11 +28,14 @@ _LAZY = {"PagedKVCache": "paged_attn.kv_cache", "Engine": "paged_attn.engine"}
 
 __all__ = [
     "BUILT_WITH_CUDA",
+    "NO_BLOCK",
+    "AppendResult",
     "BlockAllocator",
     "BlockTable",
     "Engine",
     "OutOfBlocksError",
     "PagedKVCache",
+    "PrefixCacheStats",
     "copy_blocks",
     "paged_attention",
     "swap_blocks",
