@@ -154,6 +154,7 @@ class PagedKVCache(Cache):
         device: torch.device | str = "cpu",
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        enable_prefix_caching: bool = False,
     ):
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"cache dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
@@ -173,7 +174,7 @@ class PagedKVCache(Cache):
             for _ in range(num_layers)
         ]
         super().__init__(layers=layers)
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.bytes_per_block = bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
         self.peak_used_blocks = 0
         self._tables: dict[int, BlockTable] = {}
@@ -196,6 +197,7 @@ class PagedKVCache(Cache):
         device: torch.device | str | None = None,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        enable_prefix_caching: bool = False,
     ) -> PagedKVCache:
         """A cache shaped for `model`: its layers, KV heads and head dim, on its device.
 
@@ -211,7 +213,7 @@ class PagedKVCache(Cache):
             num_blocks = memory_budget_bytes // bytes_per_block(
                 num_layers, num_kv_heads, head_dim, block_size, dtype)
         return cls(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype,
-                   device or model.device, k_scale, v_scale)
+                   device or model.device, k_scale, v_scale, enable_prefix_caching)
 
     # Memory -------------------------------------------------------------------------------
 
@@ -234,11 +236,19 @@ class PagedKVCache(Cache):
 
     # Sequences ----------------------------------------------------------------------------
 
-    def add_sequence(self) -> int:
-        """A new, empty sequence; returns its id."""
+    def add_sequence(self, prompt_token_ids: list[int] | None = None) -> int:
+        """A new sequence; returns its id. Empty, unless prefix caching finds the prompt's start.
+
+        With `enable_prefix_caching` and `prompt_token_ids`, the sequence starts on the cached
+        blocks that hold the longest cached prefix of the prompt (`BlockTable.reuse_cached_prefix`);
+        `seq_len(seq_id)` then tells how many prompt tokens need no computing.
+        """
         seq_id = self._next_seq_id
         self._next_seq_id += 1
         self._tables[seq_id] = BlockTable(self.allocator)
+        if prompt_token_ids is not None:
+            self._tables[seq_id].reuse_cached_prefix(prompt_token_ids)
+            self._note_usage()
         return seq_id
 
     def fork_sequence(self, seq_id: int) -> int:
