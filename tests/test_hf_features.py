@@ -186,11 +186,8 @@ def test_fp8_pools_quantize_with_their_scales():
 def test_bf16_error_is_within_twice_stock_bf16_error():
     stock32, paged32 = model_pair("qwen3")
     stock16, paged16 = model_pair("qwen3", dtype=torch.bfloat16)
-    input_ids, attention_mask = left_padded_batch(seed=4)
     chunks = [6, 5] + [1] * 4
-    width = sum(chunks)
-    input_ids = torch.cat([input_ids, torch.randint(1, VOCAB, (input_ids.shape[0], width - input_ids.shape[1]))], 1)
-    attention_mask = torch.nn.functional.pad(attention_mask, (0, width - attention_mask.shape[1]), value=1)
+    input_ids, attention_mask = left_padded_batch(lengths=(15, 12, 9), seed=4)
     full = dict(attention_mask=attention_mask, position_ids=positions_of(attention_mask))
     truth = stock32(input_ids, **full).logits
     stock_error = (stock16(input_ids, **full).logits.float() - truth).abs()
