@@ -14,9 +14,9 @@ import importlib.util
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -45,23 +45,38 @@ NVCC_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=comput
 
 # ---- Building and running the driver ----------------------------------------------------------
 
-def source_digest(*extra):
-    """Hash of every emulator source and the toolchain, so a cached build is never stale."""
+def nvcc_path():
+    found = shutil.which("nvcc")
+    return found or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+
+
+def build_directory():
+    """A directory named by a hash of every emulator source, the build settings and the
+    toolchain versions, so a cached build is never stale."""
     digest = hashlib.sha256()
-    sources = sorted(SIM_DIR.rglob("*.h")) + sorted((SIM_DIR / "tests").iterdir())
+    sources = sorted(SIM_DIR.glob("simt*")) + sorted((SIM_DIR / "tests").glob("simt*"))
     for path in sources + [REPO / "csrc" / "kernels" / "kcompat.cuh"]:
         digest.update(str(path.relative_to(REPO)).encode())
         digest.update(path.read_bytes())
-    for item in extra:
-        digest.update(repr(item).encode())
-    return digest.hexdigest()[:16]
+    for tool in ("g++", nvcc_path()):
+        digest.update(subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+                      .encode())
+    digest.update(repr((VARIANTS, NVCC_ARCHS)).encode())
+    return BUILD_ROOT / digest.hexdigest()[:16]
+
+
+def remove_stale_builds(keep, max_age_seconds=3600):
+    """Builds of older sources pile up while the emulator is edited; drop those untouched for an
+    hour (a concurrent session may still be using a recent one)."""
+    for directory in BUILD_ROOT.iterdir():
+        if directory != keep and time.time() - directory.stat().st_mtime > max_age_seconds:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def build_cached(command, output):
     """Run `command` to produce `output` unless it exists; a failure shows the compiler output."""
     if output.exists():
         return output
-    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     command = [str(partial) if part == str(output) else part for part in command]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -71,24 +86,16 @@ def build_cached(command, output):
     return output
 
 
-def build_driver(variant):
-    compiler_version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
-    output = BUILD_ROOT / source_digest(variant, compiler_version) / f"simt_selftest_{variant}"
+def build_driver(directory, variant):
+    output = directory / f"simt_selftest_{variant}"
     command = simt_build.compile_command(str(DRIVER.relative_to(REPO)), str(output),
                                          **VARIANTS[variant])
     return build_cached(command, output)
 
 
-def nvcc_path():
-    found = shutil.which("nvcc")
-    return found or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-
-
-def build_with_nvcc():
-    nvcc = nvcc_path()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    output = BUILD_ROOT / source_digest("nvcc", version) / "simt_nvcc_check.o"
-    command = [nvcc, "-std=c++20", "-c", f"-I{REPO / 'csrc'}", *NVCC_ARCHS,
+def build_with_nvcc(directory):
+    output = directory / "simt_nvcc_check.o"
+    command = [nvcc_path(), "-std=c++20", "-c", f"-I{REPO / 'csrc'}", *NVCC_ARCHS,
                str(NVCC_CHECK), "-o", str(output)]
     return build_cached(command, output)
 
@@ -97,9 +104,9 @@ class Builds:
     """The driver variants and the nvcc compile, started concurrently. `builds[name]` waits for
     one and raises its build error, so a broken variant fails only the tests that use it."""
 
-    def __init__(self):
-        jobs = {variant: (build_driver, variant) for variant in VARIANTS}
-        jobs["nvcc"] = (build_with_nvcc,)
+    def __init__(self, directory):
+        jobs = {variant: (build_driver, directory, variant) for variant in VARIANTS}
+        jobs["nvcc"] = (build_with_nvcc, directory)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         self.futures = {name: self.pool.submit(*job) for name, job in jobs.items()}
 
@@ -110,7 +117,10 @@ class Builds:
 @pytest.fixture(scope="session")
 def builds():
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
-    started = Builds()
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(keep=directory)
+    started = Builds(directory)
     yield started
     started.pool.shutdown(wait=True)
 

@@ -119,9 +119,11 @@ inline int knum_sms() {
   ((cond) ? static_cast<void>(0)       \
           : ::simt::assertion_failed(#cond, ::simt::Site{__FILE__, __LINE__}))
 
-#define KLAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                \
-  ::simt::launch_kernel(#kernel, ::simt::Site{__FILE__, __LINE__}, kernel, dim3(grid),      \
-                        dim3(block), (smem_bytes), (stream)__VA_OPT__(, ) __VA_ARGS__)
+// The stream travels as the first variadic argument, so a kernel without parameters needs no
+// __VA_OPT__ (C++20).
+#define KLAUNCH(kernel, grid, block, smem_bytes, ...)                                   \
+  ::simt::launch_kernel(#kernel, ::simt::Site{__FILE__, __LINE__}, kernel, dim3(grid), \
+                        dim3(block), (smem_bytes), __VA_ARGS__)
 
 inline void kmemcpy_async(void* dst, const void* src, std::size_t bytes, cudaStream_t) {
   if (bytes != 0) std::memcpy(dst, src, bytes);

@@ -31,8 +31,9 @@ import sys
 SIM_DIR = os.path.dirname(os.path.abspath(__file__))
 CSRC_DIR = os.path.dirname(SIM_DIR)
 
-# Kernels reinterpret memory as vector types (float4, __half2, ...), as CUDA code does.
-COMMON_CXXFLAGS = ["-fno-strict-aliasing"]
+# Kernels reinterpret memory as vector types (float4, __half2, ...), as CUDA code does, and use
+# `#pragma unroll`, which GCC does not know (and cannot be told to ignore from a header).
+COMMON_CXXFLAGS = ["-fno-strict-aliasing", "-Wno-unknown-pragmas"]
 
 SANITIZER_CXXFLAGS = [
     "-fsanitize=address,undefined",

@@ -17,9 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
-#include <string>
 
 #if defined(__SANITIZE_ADDRESS__)
 #define SIMT_ASAN 1
@@ -296,11 +294,9 @@ inline void fiber_switch(FiberContext& from, FiberContext& to) {
 }
 
 // A reused stack may still carry ASan poison from frames of a fiber that was abandoned mid-way.
-inline void forget_stack_contents(const FiberStack& stack) {
+inline void forget_stack_contents([[maybe_unused]] const FiberStack& stack) {
 #if SIMT_ASAN
   __asan_unpoison_memory_region(stack.bottom(), stack.size());
-#else
-  (void)stack;
 #endif
 }
 
