@@ -19,40 +19,35 @@ GPU come from the device; tests use it to force the one-pass or split-K path on 
 import contextlib
 import glob
 import importlib
+import importlib.util
 import os
 
 import torch
 
-OPS = torch.ops.paged_attn_sim
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASAN_ENV = "PAGED_ATTN_SIM_ASAN"
-SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                   "-fno-omit-frame-pointer"]
 
 PATHS = {"auto": 0, "one_pass": 1, "split_k": 2}
 DEFAULT_PARTITION_SIZE = 512
 
 
 def _build_sanitized():
-    """JIT-builds the emulator extension with ASan + UBSan into build/sim-asan/ and imports it."""
-    from torch.utils import cpp_extension
+    """JIT-builds the emulator extension with ASan + UBSan into build/sim-asan/ and imports it.
 
+    The sanitizer flags are the emulator's (csrc/sim/simt_build.py); the sources are setup.py's.
+    """
+    spec = importlib.util.spec_from_file_location(
+        "simt_build", os.path.join(ROOT, "csrc", "sim", "simt_build.py"))
+    simt_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(simt_build)
     csrc = os.path.join(ROOT, "csrc")
     build_dir = os.path.join(ROOT, "build", "sim-asan")
     os.makedirs(build_dir, exist_ok=True)
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     sources = sorted(glob.glob(os.path.join(csrc, "core", "*.cpp")) +
                      glob.glob(os.path.join(csrc, "sim", "*.cpp")))
-    return cpp_extension.load(
-        name="_sim",
-        sources=sources,
-        extra_include_paths=[csrc, os.path.join(cuda_home, "include")],
-        extra_cflags=["-O1", "-g", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
-                      "-DPAGED_ATTN_SIM=1", *SANITIZER_FLAGS],
-        extra_ldflags=["-fsanitize=address,undefined"],
-        build_directory=build_dir,
-        verbose=False,
-    )
+    return simt_build.load_extension(
+        "_sim", sources, sanitize=True, build_directory=build_dir,
+        extra_cflags=["-DPAGED_ATTN_SIM=1"])
 
 
 def _load():
@@ -62,6 +57,7 @@ def _load():
 
 
 _extension = _load()
+OPS = torch.ops.paged_attn_sim
 SANITIZED: bool = os.environ.get(ASAN_ENV) == "1"
 
 

@@ -138,18 +138,21 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int group = tid / kLanes;          // the tile token this thread's group loads
   const int lane_in_group = tid % kLanes;  // which 16-byte vectors of the row it loads
 
-  KSHARED(float, queries, kMaxHeadsPerBlock * HEAD_SIZE);  // [heads, HEAD_SIZE]
-  KSHARED(float, values, kTile * HEAD_SIZE);               // [tile tokens, HEAD_SIZE], V as float
-  KSHARED(float, scores, kMaxHeadsPerBlock * kTile);       // [heads, tile tokens]: logits, then p
-  KSHARED(int32_t, table, kTableStage);                    // block_tables[seq][stage_first + i]
-  KSHARED(float, acc_rescale, kMaxHeadsPerBlock);          // per head: running acc factor
-  KSHARED(float, tile_rescale, kMaxHeadsPerBlock);         // per head: this tile's factor
+  // float4-typed, so the 16-byte shared memory accesses are aligned by the type itself.
+  constexpr int kQuads = Geometry::kQuadsPerHead;
+  KSHARED(float4, queries, kMaxHeadsPerBlock * kQuads);  // [heads, HEAD_SIZE / 4]
+  KSHARED(float4, values, kTile * kQuads);               // [tile tokens, HEAD_SIZE / 4], V as float
+  KSHARED(float, scores, kMaxHeadsPerBlock * kTile);     // [heads, tile tokens]: logits, then p
+  KSHARED(int32_t, table, kTableStage);                  // block_tables[seq][stage_first + i]
+  KSHARED(float, acc_rescale, kMaxHeadsPerBlock);        // per head: running acc factor
+  KSHARED(float, tile_rescale, kMaxHeadsPerBlock);       // per head: this tile's factor
 
-  for (int i = tid; i < heads * HEAD_SIZE; i += kDecodeThreads) {
-    const int head = first_head + i / HEAD_SIZE;
-    const scalar_t* q = static_cast<const scalar_t*>(args.query) +
-                        seq * args.query_seq_stride + head * args.query_head_stride;
-    queries[i] = to_float(q[i % HEAD_SIZE]);
+  // The queries may have any alignment (e.g. slices of a fused qkv): scalar loads, once.
+  for (int quad = tid; quad < heads * kQuads; quad += kDecodeThreads) {
+    const int head = first_head + quad / kQuads;
+    const scalar_t* q = static_cast<const scalar_t*>(args.query) + seq * args.query_seq_stride +
+                        head * args.query_head_stride + (quad % kQuads) * 4;
+    queries[quad] = make_float4(to_float(q[0]), to_float(q[1]), to_float(q[2]), to_float(q[3]));
   }
 
   const float logit_scale = args.scale * (args.k_scale != nullptr ? *args.k_scale : 1.0f);
@@ -205,8 +208,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
         const int vec = lane_in_group + j * kLanes;
         if (Geometry::kRowVecs % kLanes == 0 || vec < Geometry::kRowVecs) {
           unpack_to_float<cache_t>(load_vec(key_row + vec * kVecElems), keys[j]);
-          unpack_to_float<cache_t>(load_vec(value_row + vec * kVecElems),
-                                   &values[group * HEAD_SIZE + vec * kVecElems]);
+          float value[kVecElems];
+          unpack_to_float<cache_t>(load_vec(value_row + vec * kVecElems), value);
+#pragma unroll
+          for (int e = 0; e < kVecElems; e += 4) {
+            values[group * kQuads + (vec * kVecElems + e) / 4] =
+                make_float4(value[e], value[e + 1], value[e + 2], value[e + 3]);
+          }
         }
       }
     }
@@ -217,9 +225,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
         for (int j = 0; j < Geometry::kVecsPerLane; ++j) {
           const int vec = lane_in_group + j * kLanes;
           if (Geometry::kRowVecs % kLanes == 0 || vec < Geometry::kRowVecs) {
-            const float* q = &queries[h * HEAD_SIZE + vec * kVecElems];
 #pragma unroll
-            for (int e = 0; e < kVecElems; ++e) dot += q[e] * keys[j][e];
+            for (int e = 0; e < kVecElems; e += 4) {
+              const float4 q = queries[h * kQuads + (vec * kVecElems + e) / 4];
+              dot += q.x * keys[j][e] + q.y * keys[j][e + 1] + q.z * keys[j][e + 2] +
+                     q.w * keys[j][e + 3];
+            }
           }
         }
       }
@@ -265,16 +276,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
     __syncthreads();
 
     // Phase 3: acc = acc * acc_rescale + tile_rescale * sum_t p_t * V_t, per owned output quad.
-    const float4* value_quads = reinterpret_cast<const float4*>(values);
 #pragma unroll
     for (int a = 0; a < Geometry::kAccQuads; ++a) {
       const int quad = tid + a * kDecodeThreads;
-      if (quad >= heads * Geometry::kQuadsPerHead) continue;
-      const int h = quad / Geometry::kQuadsPerHead;
-      const int dim_quad = quad % Geometry::kQuadsPerHead;
+      if (quad >= heads * kQuads) continue;
+      const int h = quad / kQuads;
+      const int dim_quad = quad % kQuads;
       float4 tile_acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       for (int t = 0; t < tile_len; ++t) {
-        fma_into(tile_acc, scores[h * kTile + t], value_quads[t * Geometry::kQuadsPerHead + dim_quad]);
+        fma_into(tile_acc, scores[h * kTile + t], values[t * kQuads + dim_quad]);
       }
       acc[a] = acc[a] * acc_rescale[h];
       fma_into(acc[a], tile_rescale[h], tile_acc);
@@ -303,9 +313,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
   for (int a = 0; a < Geometry::kAccQuads; ++a) {
     const int quad = tid + a * kDecodeThreads;
-    if (quad >= heads * Geometry::kQuadsPerHead) continue;
-    const int h = quad / Geometry::kQuadsPerHead;
-    const int dim = (quad % Geometry::kQuadsPerHead) * 4;
+    if (quad >= heads * kQuads) continue;
+    const int h = quad / kQuads;
+    const int dim = (quad % kQuads) * 4;
     const float4 result = acc[a] * acc_rescale[h];
     if (params.split_k) {
       float* partial = params.partial_out +
