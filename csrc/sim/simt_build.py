@@ -9,7 +9,8 @@ Two variants:
   plain       -O2, the x86-64 assembly fibers (ucontext elsewhere, or with force_ucontext).
   sanitized   AddressSanitizer + UndefinedBehaviorSanitizer, aborting on the first report. The
               emulator announces every fiber switch to ASan and poisons the gaps between shared
-              memory buffers; a report is followed by the CUDA kernel, block and thread it came from.
+              memory buffers; a report is followed by the CUDA kernel, block and thread it came
+              from.
 
 A sanitized *Python extension* needs the ASan runtime loaded first, i.e. the test process must
 run under `sanitizer_environment()`:

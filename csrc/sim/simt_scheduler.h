@@ -264,24 +264,25 @@ class DynamicSharedLimits {
 
 enum class ThreadState : std::uint8_t { kReady, kAtBarrier, kAtWarpOp, kExited };
 
-// Everything the scheduler knows about one CUDA thread of the running block, packed into one
-// cache line: every switch touches the slot of the thread it resumes.
+// Everything the scheduler knows about one CUDA thread of the running block. A switch reads the
+// context and index of the thread it resumes, so they share the first cache line with the fields
+// the thread's own warp exchange writes and reads back.
 struct alignas(64) ThreadSlot {
   FiberContext context;
+  uint3 index{};
+  ThreadState state = ThreadState::kReady;
   // The warp intrinsic it waits in: its value, and the result filled in by the lane that
   // completes the exchange.
-  std::uint64_t value = 0;
-  std::uint64_t result = 0;
-  const char* site_file = "?";  // the sync point it waits at
-  uint3 index{};
-  unsigned linear = 0;
-  int site_line = 0;
-  unsigned mask = 0;
-  int arg = 0;
-  ThreadState state = ThreadState::kReady;
   WarpOp warp_op = WarpOp::kSyncwarp;
   std::uint8_t value_bytes = 0;
   std::uint8_t width = 32;
+  unsigned mask = 0;
+  int arg = 0;
+  std::uint64_t result = 0;
+  std::uint64_t value = 0;
+  const char* site_file = "?";  // the sync point it waits at
+  int site_line = 0;
+  unsigned linear = 0;
 
   Site site() const { return Site{site_file, site_line}; }
   void wait_at(Site where, ThreadState waiting) {
@@ -290,9 +291,6 @@ struct alignas(64) ThreadSlot {
     state = waiting;
   }
 };
-#if !SIMT_ASAN && !defined(SIMT_FIBER_UCONTEXT)
-static_assert(sizeof(ThreadSlot) == 64, "a thread slot should fit one cache line");
-#endif
 
 // Per warp of the running block: lanes waiting in a warp intrinsic, and lanes that exited
 // (including lanes that do not exist because the block size is not a multiple of 32).
@@ -335,7 +333,7 @@ inline thread_local Scheduler* t_running = nullptr;
 
 class Scheduler {
  public:
-  Scheduler() : static_arena_(new unsigned char[kStaticArenaBytes]) {}
+  Scheduler() : static_arena_(new StaticArena) {}
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
@@ -356,8 +354,10 @@ class Scheduler {
   void* dynamic_shared() const { return dynamic_shared_.get(); }
   // Abandon the block with the report build_message() returns. The message is built and its
   // temporaries destroyed before the switch: the failing fiber's stack is never unwound.
+  // Kept out of line and cold so the hot paths that may fail keep small stack frames: every
+  // suspended thread's frames compete for the cache.
   template <typename BuildMessage>
-  [[noreturn]] void fail(BuildMessage build_message) {
+  [[noreturn, gnu::noinline, gnu::cold]] void fail(BuildMessage build_message) {
     record_failure(build_message());
     abandon_block();
   }
@@ -367,6 +367,12 @@ class Scheduler {
 
  private:
   static constexpr std::size_t kStaticArenaBytes = 2 * kMaxStaticSharedBytes;
+  static constexpr std::size_t kMaxSharedAlignment = 64;
+
+  // Room for 48 KiB of KSHARED buffers plus the ASan redzones between them.
+  struct alignas(kMaxSharedAlignment) StaticArena {
+    unsigned char bytes[kStaticArenaBytes];
+  };
   static constexpr std::size_t kSharedRedzoneBytes = SIMT_ASAN ? 64 : 0;
 
   struct StaticSharedSlot {
@@ -405,7 +411,7 @@ class Scheduler {
   std::vector<unsigned> all_threads_;
   std::vector<unsigned> scratch_;
   std::unique_ptr<unsigned char[]> dynamic_shared_;
-  std::unique_ptr<unsigned char[]> static_arena_;
+  std::unique_ptr<StaticArena> static_arena_;
   FiberContext scheduler_context_;
 
   // Block-wide state.
@@ -541,7 +547,7 @@ inline void Scheduler::run_block(std::uint64_t linear_block) {
   static_arena_used_ = 0;
   static_shared_bytes_ = 0;
 #if SIMT_ASAN
-  __asan_poison_memory_region(static_arena_.get(), kStaticArenaBytes);
+  __asan_poison_memory_region(static_arena_->bytes, kStaticArenaBytes);
 #endif
 
   // Threads are numbered x fastest; warp w holds linear threads [32w, 32w + 32).
@@ -877,7 +883,13 @@ inline void Scheduler::complete_exchange(unsigned warp, unsigned participants) {
 inline void* Scheduler::static_shared(const void* tag, std::size_t bytes, std::size_t alignment,
                                       const char* name, Site site) {
   for (const StaticSharedSlot& slot : static_slots_) {
-    if (slot.tag == tag) return static_arena_.get() + slot.offset;
+    if (slot.tag == tag) return static_arena_->bytes + slot.offset;
+  }
+  if (alignment > kMaxSharedAlignment) {
+    fail([&] {
+      return format("KSHARED %s at %s needs %zu-byte alignment; the emulator provides %zu", name,
+                    describe(site).c_str(), alignment, kMaxSharedAlignment);
+    });
   }
   alignment = std::max<std::size_t>(alignment, 16);
   auto align_up = [alignment](std::size_t n) {
@@ -892,11 +904,11 @@ inline void* Scheduler::static_shared(const void* tag, std::size_t bytes, std::s
       return format(
           "KSHARED %s at %s brings the block's static shared memory to %zu bytes (limit %zu, "
           "plus %zu dynamic within %zu)",
-                    name, describe(site).c_str(), device_bytes, kMaxStaticSharedBytes,
-                    launch_->dynamic_shared_bytes, kMaxSharedBytesOptIn);
+          name, describe(site).c_str(), device_bytes, kMaxStaticSharedBytes,
+          launch_->dynamic_shared_bytes, kMaxSharedBytesOptIn);
     });
   }
-  unsigned char* buffer = static_arena_.get() + offset;
+  unsigned char* buffer = static_arena_->bytes + offset;
 #if SIMT_ASAN
   __asan_unpoison_memory_region(buffer, bytes);
 #endif
