@@ -294,6 +294,8 @@ def test_order_variable_permutes_threads_and_blocks(builds):
     assert sorted(first) == everyone and sorted(other) == everyone
     assert first == again, "the same seed must reproduce the same schedule"
     assert first != other and first not in (everyone, everyone[::-1])
+    error = error_of(builds, "arrival_order", order="backwards")
+    assert "SIMT_ORDER=backwards is not one of forward, reverse, random" in error
 
 
 # ---- Warp intrinsics ----------------------------------------------------------------------------

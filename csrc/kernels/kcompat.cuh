@@ -37,6 +37,7 @@
 
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -52,9 +53,9 @@
 
 #define KASSERT(cond) static_cast<void>(sizeof((cond) ? 1 : 0))
 
-#define KLAUNCH(kernel, grid, block, smem_bytes, stream, ...)                      \
-  do {                                                                             \
-    kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__);              \
+#define KLAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                 \
+  do {                                                                                        \
+    kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__);                         \
     ::kcompat::throw_on_error(cudaGetLastError(), "launch of " #kernel, __FILE__, __LINE__); \
   } while (0)
 

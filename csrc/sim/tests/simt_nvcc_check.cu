@@ -5,8 +5,8 @@
 void launch_test_kernels(float* floats, int* ints, double* doubles, unsigned* words,
                          unsigned char* bytes, cudaStream_t stream) {
   using namespace simt_tests;
-  KLAUNCH(block_sum_tree, 4, 64, 0, stream, floats, floats);
-  KLAUNCH(block_sum_missing_barrier, 4, 64, 0, stream, floats, floats);
+  KLAUNCH(block_sum_tree<true>, 4, 64, 0, stream, floats, floats);
+  KLAUNCH(block_sum_tree<false>, 4, 64, 0, stream, floats, floats);
   KLAUNCH(block_sum_warps, 2, 1024, 0, stream, floats, floats);
   KLAUNCH(read_before_write, 3, 32, 64, stream, floats, floats);
   KLAUNCH(barrier_votes, 1, 100, 0, stream, ints);

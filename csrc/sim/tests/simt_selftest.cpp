@@ -173,7 +173,7 @@ Outputs recover_after_error_case() {
   } catch (const std::runtime_error&) {
     failed = 1;
   }
-  Outputs outputs = block_sum(simt_tests::block_sum_tree, 4, 64);
+  Outputs outputs = block_sum(simt_tests::block_sum_tree<true>, 4, 64);
   outputs["first_failed"] = {failed};
   return outputs;
 }
@@ -276,8 +276,8 @@ Outputs benchmark_case() {
 const std::map<std::string, std::function<Outputs()>>& cases() {
   using namespace simt_tests;
   static const std::map<std::string, std::function<Outputs()>> all = {
-      {"block_sum_tree", [] { return block_sum(block_sum_tree, 4, 64); }},
-      {"block_sum_missing_barrier", [] { return block_sum(block_sum_missing_barrier, 4, 64); }},
+      {"block_sum_tree", [] { return block_sum(block_sum_tree<true>, 4, 64); }},
+      {"block_sum_missing_barrier", [] { return block_sum(block_sum_tree<false>, 4, 64); }},
       {"block_sum_warps_1024", [] { return block_sum(block_sum_warps, 2, 1024); }},
       {"read_before_write", read_before_write_case},
       {"barrier_votes", barrier_votes_case},

@@ -14,24 +14,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // Each block sums blockDim.x consecutive inputs (blockDim.x a power of two): load into shared
 // memory, then halve the number of active threads each step; thread t adds element t + stride.
+// block_sum_tree<false> is the planted bug: without the barrier after the load, thread t may read
+// partial[t + stride] before thread t + stride has stored it.
+template <bool kBarrierAfterLoad>
 __global__ void block_sum_tree(const float* in, float* out) {
   KSHARED(float, partial, 1024);
   const unsigned t = threadIdx.x;
   partial[t] = in[blockIdx.x * blockDim.x + t];
-  __syncthreads();
-  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (t < stride) partial[t] += partial[t + stride];
-    __syncthreads();
-  }
-  if (t == 0) out[blockIdx.x] = partial[0];
-}
-
-// The same reduction without the barrier after the load: thread t may read partial[t + stride]
-// before thread t + stride has stored it.
-__global__ void block_sum_missing_barrier(const float* in, float* out) {
-  KSHARED(float, partial, 1024);
-  const unsigned t = threadIdx.x;
-  partial[t] = in[blockIdx.x * blockDim.x + t];  // PLANTED(missing-barrier): no __syncthreads
+  if constexpr (kBarrierAfterLoad) __syncthreads();
   for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (t < stride) partial[t] += partial[t + stride];
     __syncthreads();
