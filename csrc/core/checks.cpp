@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <unordered_set>
+#include <utility>
 
 namespace paged_attn {
 
@@ -58,6 +59,29 @@ const float* fp8_scale_pointer(const char* op, const char* arg,
                 "' must be positive and finite, got ", value);
   }
   return scale->data_ptr<float>();
+}
+
+// Checks a key/value cache pair [num_blocks, block_size, num_kv_heads, head_size]: same shape,
+// dtype `input_dtype` or fp8 e4m3, on `device`, contiguous in head_size. Returns the fp8 scale
+// pointers, validated and present exactly when the caches are fp8.
+std::pair<const float*, const float*> expect_cache_pair(
+    const char* op, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    at::ScalarType input_dtype, const at::Device& device,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  Expect(op, "key_cache", key_cache)
+      .dims(kCacheDims)
+      .dtype_in({input_dtype, at::kFloat8_e4m3fn})
+      .device(device)
+      .last_dim_contiguous();
+  Expect(op, "value_cache", value_cache)
+      .dims(kCacheDims)
+      .same_shape_as(key_cache, "key_cache")
+      .dtype(key_cache.scalar_type())
+      .device(device)
+      .last_dim_contiguous();
+  const bool cache_is_fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
+  return {fp8_scale_pointer(op, "k_scale", k_scale, cache_is_fp8, device),
+          fp8_scale_pointer(op, "v_scale", v_scale, cache_is_fp8, device)};
 }
 
 void expect_block_mapping(const char* op, const at::Tensor& block_mapping,
@@ -207,18 +231,9 @@ PagedAttentionParams make_paged_attention_params(
       .dtype(query.scalar_type())
       .device(device)
       .last_dim_contiguous();
-  Expect(op, "key_cache", key_cache)
-      .dims(kCacheDims)
-      .dtype_in({query.scalar_type(), at::kFloat8_e4m3fn})
-      .device(device)
-      .size(3, head_size, "query's head_size")
-      .last_dim_contiguous();
-  Expect(op, "value_cache", value_cache)
-      .dims(kCacheDims)
-      .same_shape_as(key_cache, "key_cache")
-      .dtype(key_cache.scalar_type())
-      .device(device)
-      .last_dim_contiguous();
+  const auto [k_scale_data, v_scale_data] = expect_cache_pair(
+      op, key_cache, value_cache, query.scalar_type(), device, k_scale, v_scale);
+  Expect(op, "key_cache", key_cache).size(3, head_size, "query's head_size");
   const int64_t num_blocks = key_cache.size(0);
   const int64_t block_size = key_cache.size(1);
   const int64_t num_kv_heads = key_cache.size(2);
@@ -253,11 +268,9 @@ PagedAttentionParams make_paged_attention_params(
         .device(device)
         .contiguous();
   }
-  const bool cache_is_fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
-
   PagedAttentionParams params{};
-  params.k_scale = fp8_scale_pointer(op, "k_scale", k_scale, cache_is_fp8, device);
-  params.v_scale = fp8_scale_pointer(op, "v_scale", v_scale, cache_is_fp8, device);
+  params.k_scale = k_scale_data;
+  params.v_scale = v_scale_data;
 
   const int64_t max_blocks = block_tables.size(1);
   if (should_check_data(device)) {
@@ -327,19 +340,11 @@ WriteKVParams make_write_kv_params(
       .dtype(key.scalar_type())
       .device(device)
       .last_dim_contiguous();
+  const auto [k_scale_data, v_scale_data] = expect_cache_pair(
+      op, key_cache, value_cache, key.scalar_type(), device, k_scale, v_scale);
   Expect(op, "key_cache", key_cache)
-      .dims(kCacheDims)
-      .dtype_in({key.scalar_type(), at::kFloat8_e4m3fn})
-      .device(device)
       .size(2, key.size(1), "key's num_kv_heads")
-      .size(3, key.size(2), "key's head_size")
-      .last_dim_contiguous();
-  Expect(op, "value_cache", value_cache)
-      .dims(kCacheDims)
-      .same_shape_as(key_cache, "key_cache")
-      .dtype(key_cache.scalar_type())
-      .device(device)
-      .last_dim_contiguous();
+      .size(3, key.size(2), "key's head_size");
   const int64_t num_tokens = key.size(0);
   Expect(op, "slot_mapping", slot_mapping)
       .dims({"num_tokens"})
@@ -347,11 +352,9 @@ WriteKVParams make_write_kv_params(
       .dtype(at::kLong)
       .device(device)
       .contiguous();
-  const bool cache_is_fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
-
   WriteKVParams params{};
-  params.k_scale = fp8_scale_pointer(op, "k_scale", k_scale, cache_is_fp8, device);
-  params.v_scale = fp8_scale_pointer(op, "v_scale", v_scale, cache_is_fp8, device);
+  params.k_scale = k_scale_data;
+  params.v_scale = v_scale_data;
 
   if (should_check_data(device)) {
     const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
