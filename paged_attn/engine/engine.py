@@ -77,7 +77,7 @@ class Engine:
                  enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
                  num_cpu_blocks: int | None = None, cache_dtype: torch.dtype | None = None):
         if preemption_mode not in ("recompute", "swap"):
-            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', not {preemption_mode!r}")
+            raise ValueError(f"preemption_mode is 'recompute' or 'swap', not {preemption_mode!r}")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = DEFAULT_KV_CACHE_MEMORY
         self.model = paged_attn.hf.enable(model).eval()
@@ -105,19 +105,23 @@ class Engine:
         prompt = [int(token) for token in prompt_token_ids]
         if not prompt:
             raise ValueError("a prompt needs at least one token")
-        worst_case = self.kv.max_blocks(len(prompt) + params.max_new_tokens, params.width)
-        if worst_case + params.width > self.cache.num_blocks:
-            raise ValueError(f"a request of {len(prompt)} + {params.max_new_tokens} tokens and width "
-                             f"{params.width} may need {worst_case + params.width} blocks; the "
-                             f"cache has {self.cache.num_blocks}")
+        peak_blocks = self.kv.peak_blocks(len(prompt) + params.max_new_tokens, params.width)
+        if peak_blocks > self.cache.num_blocks:
+            raise ValueError(f"a request of {len(prompt)} + {params.max_new_tokens} tokens and "
+                             f"width {params.width} may need {peak_blocks} blocks; the cache "
+                             f"has {self.cache.num_blocks}")
         if params.width > self.scheduler.max_num_seqs:
-            raise ValueError(f"width {params.width} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
+            raise ValueError(f"width {params.width} exceeds max_num_seqs "
+                             f"({self.scheduler.max_num_seqs})")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.cache.device).manual_seed(params.seed)
-        request = Request(next(self._request_ids), prompt, params, generator)
+        stop_token_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_token_ids |= frozenset(self.eos_token_ids)
+        request = Request(next(self._request_ids), prompt, params, generator, stop_token_ids)
         if params.is_beam_search:
-            request.beam_search = BeamSearch(params, self._stop_tokens(params))
+            request.beam_search = BeamSearch(params, stop_token_ids)
         self._requests[request.request_id] = request
         self.scheduler.add(request)
         return request.request_id
@@ -135,7 +139,7 @@ class Engine:
         appears when the run lasts longer than two seconds. Needs an idle engine.
         """
         if self.has_unfinished_requests():
-            raise RuntimeError("generate() needs an idle engine; drive add_request()/step() instead")
+            raise RuntimeError("generate() needs an idle engine; use add_request() and step()")
         if params is None:
             params = SamplingParams(**param_overrides)
         elif param_overrides:
@@ -192,23 +196,21 @@ class Engine:
         if scheduled is None:
             return []
         self._num_steps += 1
-        rows: list[tuple[Request, Sequence]] = []
+        sequences = [sequence for request in scheduled.requests for sequence in request.sequences]
         new_tokens: list[list[int]] = []
-        for request in scheduled.requests:
-            for sequence in request.sequences:
-                if scheduled.kind is StepKind.PREFILL:
-                    num_cached = self.kv.start_prefill(sequence)
-                    new_tokens.append(sequence.token_ids[num_cached:])
-                    self._num_prefill_tokens += len(new_tokens[-1])
-                else:
-                    new_tokens.append(sequence.token_ids[-1:])
-                rows.append((request, sequence))
-        logits = self._forward([sequence for _, sequence in rows], new_tokens)
-        self.kv.register_full_blocks([sequence for _, sequence in rows])
+        for sequence in sequences:
+            if scheduled.kind is StepKind.PREFILL:
+                num_cached = self.kv.start_prefill(sequence)
+                new_tokens.append(sequence.token_ids[num_cached:])
+                self._num_prefill_tokens += len(new_tokens[-1])
+            else:
+                new_tokens.append(sequence.token_ids[-1:])
+        logits = self._forward(sequences, new_tokens)
+        self.kv.register_full_blocks(sequences)
         return self._advance(scheduled.requests, logits)
 
     def _forward(self, sequences: list[Sequence], new_tokens: list[list[int]]) -> torch.Tensor:
-        """Feed each sequence its new tokens; returns [len(sequences), vocab] float32 logits of the last.
+        """Feed each sequence its new tokens; returns the last one's logits [rows, vocab] float32.
 
         Rows are padded on the left, so every row's last token sits in the last column; padding
         gets no cache slot (the attention mask marks it) and position 0.
@@ -234,7 +236,7 @@ class Engine:
         return output.logits[:, -1].float()
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
-        """Give every request its next tokens from its rows of logits [rows, vocab]; retire the done."""
+        """Pick each request's next tokens from its `logits` rows [rows, vocab]; retire the done."""
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy_tokens = logits.argmax(dim=-1).tolist()
         finished_outputs = []
@@ -271,11 +273,10 @@ class Engine:
             request.expanded = True
         chosen = torch.tensor(tokens, device=logprobs.device)
         chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-        stop_tokens = self._stop_tokens(params)
         for sequence, token, logprob in zip(request.sequences, tokens, chosen_logprobs):
             sequence.token_ids.append(token)
             sequence.cumulative_logprob += logprob
-            if token in stop_tokens:
+            if token in request.stop_token_ids:
                 sequence.finish_reason = "stop"
             elif sequence.num_generated >= params.max_new_tokens:
                 sequence.finish_reason = "length"
@@ -297,7 +298,7 @@ class Engine:
         for continuation in continuations:
             beam = self.kv.fork(old_beams[continuation.parent])
             beam.token_ids.append(continuation.token_id)
-            beam.cumulative_logprob += continuation.token_logprob
+            beam.cumulative_logprob = continuation.cumulative_logprob
             new_beams.append(beam)
         for beam in old_beams:
             self.kv.free(beam)
@@ -312,11 +313,6 @@ class Engine:
         else:
             completions = [sequence.completion() for sequence in request.finished]
         return RequestOutput(request.request_id, request.prompt_token_ids, completions)
-
-    def _stop_tokens(self, params: SamplingParams) -> frozenset[int]:
-        if params.ignore_eos:
-            return frozenset(params.stop_token_ids)
-        return frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids)
 
 
 def _eos_token_ids(model) -> list[int]:

@@ -66,14 +66,18 @@ class KVManager:
         return sum(_ceil_div(sequence.swapped.num_tokens, self.block_size)
                    for sequence in request.sequences)
 
-    def max_blocks(self, num_tokens: int, width: int) -> int:
-        """Blocks `width` unshared sequences of `num_tokens` tokens need: an upper bound for a request."""
-        return width * _ceil_div(num_tokens, self.block_size)
+    def peak_blocks(self, num_tokens: int, width: int) -> int:
+        """The most blocks a request of `width` sequences growing to `num_tokens` may ask for.
+
+        Each sequence unshared, plus the one block per sequence that the estimates above may
+        count for its next token: if a request fits this alone, it always fits alone.
+        """
+        return width * (_ceil_div(num_tokens, self.block_size) + 1)
 
     # Sequences ----------------------------------------------------------------------------
 
     def start_prefill(self, sequence: Sequence) -> int:
-        """Put the sequence in the cache, on its cached prefix; returns how many tokens that covers."""
+        """Put the sequence in the cache, on its cached prefix; returns the tokens that covers."""
         sequence.seq_id = self.cache.add_sequence(prompt_token_ids=sequence.token_ids)
         sequence.block_hashes = []
         return self.cache.seq_len(sequence.seq_id)

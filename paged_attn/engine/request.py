@@ -54,9 +54,9 @@ class SamplingParams:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
         if self.n < 1 or self.num_beams < 1:
-            raise ValueError(f"n and num_beams must be at least 1, got {self.n} and {self.num_beams}")
+            raise ValueError(f"n and num_beams must be >= 1, not {self.n} and {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
-            raise ValueError("beam search is deterministic here: use temperature=0 with num_beams > 1")
+            raise ValueError("beam search is deterministic here: num_beams > 1 needs temperature=0")
         if self.num_beams > 1 and self.n > self.num_beams:
             raise ValueError(f"cannot return {self.n} hypotheses from {self.num_beams} beams")
 
@@ -87,7 +87,7 @@ class CompletionOutput:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """A finished request: its completions, best beam first, or samples in the order they finished."""
+    """A finished request: its completions, best beam first, or samples in finishing order."""
 
     request_id: int
     prompt_token_ids: list[int]
@@ -160,6 +160,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    stop_token_ids: frozenset[int]  # end-of-sequence ids (unless ignore_eos) and stop_token_ids
     sequences: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)
     state: RequestState = RequestState.WAITING

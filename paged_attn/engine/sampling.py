@@ -5,8 +5,8 @@ Greedy decoding needs nothing here: the engine takes one batched argmax over eve
 `BeamSearch` follows transformers 5.x `generate(num_beams=k)` with its defaults
 (`early_stopping=False`), step for step, so the engine's beams can be checked against it:
   1. add each live beam's running score (sum of log-probabilities) to its next-token
-     log-probabilities, and keep the top `keep = max(2, 1 + #eos) * k` candidates of all beams;
-  2. a candidate "hits a stop" when its token ends the sequence or it reaches `max_new_tokens`;
+     log-probabilities, and keep the top `max(2, 1 + #stop tokens) * k` candidates of all beams;
+  2. a candidate "hits a stop" when its token is a stop (eos) token or it reaches `max_new_tokens`;
   3. the best `k` candidates that did not hit a stop are the next beams;
   4. a candidate ranked within the top `k` that hit a stop becomes a finished hypothesis scored
      `score / generated_length ** length_penalty`, unless no running beam can still beat the
@@ -30,7 +30,7 @@ def sample_tokens(
     generator: torch.Generator | None,
     num_samples: int,
 ) -> torch.Tensor:         # [num_rows, num_samples] int64
-    """Draw `num_samples` tokens per row from softmax(logits / temperature), top-k and top-p filtered."""
+    """Draw `num_samples` tokens per row from softmax(logits / temperature), top-k, top-p cut."""
     scaled = logits / params.temperature
     if 0 < params.top_k < scaled.shape[-1]:
         kth_largest = scaled.topk(params.top_k, dim=-1).values[:, -1:]
@@ -40,28 +40,29 @@ def sample_tokens(
         sorted_probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens more likely than it already cover top_p; the first stays.
         outside_nucleus = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
-        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(outside_nucleus, float("-inf")))
+        sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
+        scaled = scaled.scatter(-1, order, sorted_logits)
     probabilities = scaled.softmax(dim=-1)
     return torch.multinomial(probabilities, num_samples, replacement=True, generator=generator)
 
 
 class BeamContinuation(NamedTuple):
-    """A beam of the next step: the live beam it extends, its new token and that token's log-prob."""
+    """A beam of the next step: the live beam it extends, its new token and its running score."""
 
     parent: int
     token_id: int
-    token_logprob: float
+    cumulative_logprob: float
 
 
 class BeamSearch:
     """The finished hypotheses and stopping state of one request's beam search."""
 
-    def __init__(self, params: SamplingParams, eos_token_ids: Collection[int]):
+    def __init__(self, params: SamplingParams, stop_token_ids: Collection[int]):
         self.num_beams = params.num_beams
         self.length_penalty = params.length_penalty
         self.max_new_tokens = params.max_new_tokens
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.num_candidates = max(2, 1 + len(self.eos_token_ids)) * self.num_beams
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.num_candidates = max(2, 1 + len(self.stop_token_ids)) * self.num_beams
         self.hypotheses: list[tuple[float, Sequence]] = []  # best first, at most num_beams
         self.can_improve = True
         self.done = False
@@ -80,35 +81,36 @@ class BeamSearch:
         top_indices = top_indices.tolist()
         generated_length = beams[0].num_generated + 1
 
-        continuations: list[tuple[float, BeamContinuation]] = []
+        continuations: list[BeamContinuation] = []
         stopped = []
         for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_indices)):
             parent, token_id = divmod(index, vocab_size)
-            candidate = BeamContinuation(parent, token_id, score - beams[parent].cumulative_logprob)
-            is_eos = token_id in self.eos_token_ids
-            if is_eos or generated_length >= self.max_new_tokens:
+            candidate = BeamContinuation(parent, token_id, score)
+            is_stop = token_id in self.stop_token_ids
+            if is_stop or generated_length >= self.max_new_tokens:
                 stopped.append(candidate)
                 if rank < self.num_beams and self.can_improve:
-                    self._add_hypothesis(beams[parent], candidate, score, is_eos, generated_length)
+                    self._add_hypothesis(beams[parent], candidate, is_stop, generated_length)
             elif len(continuations) < self.num_beams:
-                continuations.append((score, candidate))
+                continuations.append(candidate)
 
-        best_running = continuations[0][0] if continuations else float("-inf")
+        best_running = continuations[0].cumulative_logprob if continuations else float("-inf")
         self._update_can_improve(best_running, generated_length)
         self.done = not self.can_improve or len(stopped) == len(top_indices)
-        return [] if self.done else [candidate for _, candidate in continuations]
+        return [] if self.done else continuations
 
     def best(self, count: int) -> list[tuple[float, Sequence]]:
         """The `count` best finished hypotheses as (score, sequence), best first."""
         return self.hypotheses[:count]
 
-    def _add_hypothesis(self, parent: Sequence, candidate: BeamContinuation, score: float,
-                        is_eos: bool, generated_length: int) -> None:
+    def _add_hypothesis(self, parent: Sequence, candidate: BeamContinuation, is_stop: bool,
+                        generated_length: int) -> None:
         finished = parent.branch(seq_id=None)
         finished.token_ids.append(candidate.token_id)
-        finished.cumulative_logprob = score
-        finished.finish_reason = "stop" if is_eos else "length"
-        self.hypotheses.append((score / generated_length ** self.length_penalty, finished))
+        finished.cumulative_logprob = candidate.cumulative_logprob
+        finished.finish_reason = "stop" if is_stop else "length"
+        score = candidate.cumulative_logprob / generated_length ** self.length_penalty
+        self.hypotheses.append((score, finished))
         self.hypotheses.sort(key=lambda hypothesis: hypothesis[0], reverse=True)
         del self.hypotheses[self.num_beams:]
 

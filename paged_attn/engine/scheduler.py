@@ -102,7 +102,8 @@ class Scheduler:
         reserved = self._blocks_reserved_for_decode()
         while self.swapped:
             request = self.swapped[0]
-            fits_blocks = reserved + self.kv.blocks_to_swap_in(request) <= self.kv.num_allocatable_blocks
+            needed = reserved + self.kv.blocks_to_swap_in(request)
+            fits_blocks = needed <= self.kv.num_allocatable_blocks
             fits_seqs = self.num_running_sequences + request.num_live <= self.max_num_seqs
             if not (fits_blocks and fits_seqs):
                 return
@@ -138,7 +139,7 @@ class Scheduler:
     def _preempt_until_decode_fits(self) -> None:
         while self._blocks_reserved_for_decode() > self.kv.num_allocatable_blocks:
             if len(self.running) == 1:
-                raise RuntimeError("a single request outgrew the KV cache; give the engine more blocks")
+                raise RuntimeError("one request outgrew the KV cache: give the engine more blocks")
             victim = self.running.pop()
             self.num_preemptions += 1
             self._enqueue(victim, self.kv.preempt(victim))

@@ -47,7 +47,7 @@ class CpuSwapPool:
         return swapped
 
     def swap_in(self, swapped: SwappedSequence) -> int:
-        """Give the sequence fresh cache blocks, copy its KV back, free the CPU blocks; returns its id."""
+        """Copy the KV back into fresh cache blocks, free the CPU ones; returns the new seq id."""
         seq_id = self.cache.add_sequence()
         self.cache.append_tokens([seq_id], [swapped.num_tokens])
         num_released = swapped.cpu_block_ids.count(NO_BLOCK)
@@ -60,18 +60,20 @@ class CpuSwapPool:
         return seq_id
 
     def pools(self) -> list[torch.Tensor]:
-        """Every CPU pool, keys then values per layer: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        """The CPU pools, keys then values per layer: [num_blocks, block_size, heads, head_dim]."""
         return [pool for pair in zip(self.key_pools, self.value_pools) for pool in pair]
 
     def cache_pools(self) -> list[torch.Tensor]:
         """The cache's pools in the order of `pools()`."""
-        return [pool for layer in self.cache.layers for pool in (layer.key_cache, layer.value_cache)]
+        return [pool for layer in self.cache.layers
+                for pool in (layer.key_cache, layer.value_cache)]
 
     @staticmethod
     def _copy(sources: list[torch.Tensor], destinations: list[torch.Tensor],
               source_block_ids: list[int], destination_block_ids: list[int]) -> None:
         pairs = [(source, destination)
-                 for source, destination in zip(source_block_ids, destination_block_ids, strict=True)
+                 for source, destination in zip(source_block_ids, destination_block_ids,
+                                                strict=True)
                  if source != NO_BLOCK]
         if not pairs:
             return
