@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -25,15 +26,16 @@ struct TypeTag {
   using type = T;
 };
 
-// The C++ type of a query / key / value / output element: float, __half or __nv_bfloat16
-// (core/checks.cpp admits no other kind there, so fp8 never reaches this switch).
+// The C++ type of a query / key / value / output element: float, __half or __nv_bfloat16.
 template <typename Fn>
 decltype(auto) with_value_type(ScalarKind kind, Fn&& fn) {
   switch (kind) {
+    case ScalarKind::kFloat32: return fn(TypeTag<float>{});
     case ScalarKind::kFloat16: return fn(TypeTag<__half>{});
     case ScalarKind::kBFloat16: return fn(TypeTag<__nv_bfloat16>{});
-    default: return fn(TypeTag<float>{});
+    case ScalarKind::kFloat8E4M3: break;
   }
+  throw std::invalid_argument("paged_attn: fp8 e4m3 is a cache dtype, not a query/key/value dtype");
 }
 
 // The (value, cache) element types of an op whose cache holds either the value type or fp8.

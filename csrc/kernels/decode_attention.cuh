@@ -100,6 +100,15 @@ __device__ __forceinline__ void fma_into(float4& acc, float s, float4 v) {
   acc.w += s * v.w;
 }
 
+// Writes 4 consecutive output elements; `out` has the alignment of scalar_t only.
+template <typename scalar_t>
+__device__ __forceinline__ void store_quad(scalar_t* out, float4 values) {
+  out[0] = from_float<scalar_t>(values.x);
+  out[1] = from_float<scalar_t>(values.y);
+  out[2] = from_float<scalar_t>(values.z);
+  out[3] = from_float<scalar_t>(values.w);
+}
+
 // The logit of one (query head, token) pair from its raw q.k: scale (times the fp8 k_scale),
 // then soft-capping, then the ALiBi bias (slope 0 without ALiBi).
 __device__ __forceinline__ float finish_logit(float dot, float logit_scale, float soft_cap,
@@ -169,6 +178,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float4 acc[Geometry::kAccQuads];
 #pragma unroll
   for (int a = 0; a < Geometry::kAccQuads; ++a) acc[a] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  // Calls fn(a, head, dim_quad) for every output quad this thread owns: acc[a] accumulates quad
+  // tid + a * kDecodeThreads of the block's [heads, kQuads] outputs.
+  const auto for_each_owned_quad = [&](auto&& fn) {
+#pragma unroll
+    for (int a = 0; a < Geometry::kAccQuads; ++a) {
+      const int quad = tid + a * kDecodeThreads;
+      if (quad < heads * kQuads) fn(a, quad / kQuads, quad % kQuads);
+    }
+  };
 
   int32_t stage_first = 0;  // the first table column held in `table`
   bool staged = false;
@@ -276,19 +294,14 @@ __global__ void __launch_bounds__(kDecodeThreads)
     __syncthreads();
 
     // Phase 3: acc = acc * acc_rescale + tile_rescale * sum_t p_t * V_t, per owned output quad.
-#pragma unroll
-    for (int a = 0; a < Geometry::kAccQuads; ++a) {
-      const int quad = tid + a * kDecodeThreads;
-      if (quad >= heads * kQuads) continue;
-      const int h = quad / kQuads;
-      const int dim_quad = quad % kQuads;
+    for_each_owned_quad([&](int a, int h, int dim_quad) {
       float4 tile_acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       for (int t = 0; t < tile_len; ++t) {
         fma_into(tile_acc, scores[h * kTile + t], values[t * kQuads + dim_quad]);
       }
       acc[a] = acc[a] * acc_rescale[h];
       fma_into(acc[a], tile_rescale[h], tile_acc);
-    }
+    });
     __syncthreads();
   }
 
@@ -310,26 +323,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
   }
   __syncthreads();
-#pragma unroll
-  for (int a = 0; a < Geometry::kAccQuads; ++a) {
-    const int quad = tid + a * kDecodeThreads;
-    if (quad >= heads * kQuads) continue;
-    const int h = quad / kQuads;
-    const int dim = (quad % kQuads) * 4;
+  for_each_owned_quad([&](int a, int h, int dim_quad) {
     const float4 result = acc[a] * acc_rescale[h];
     if (params.split_k) {
-      float* partial = params.partial_out +
-                       (state_index_base + h * params.max_partitions) * HEAD_SIZE + dim;
-      *reinterpret_cast<float4*>(partial) = result;
+      float4* partial = reinterpret_cast<float4*>(
+          params.partial_out + (state_index_base + h * params.max_partitions) * HEAD_SIZE);
+      partial[dim_quad] = result;
     } else {
-      scalar_t* out = static_cast<scalar_t*>(args.out) + seq * args.out_seq_stride +
-                      (first_head + h) * args.out_head_stride + dim;
-      out[0] = from_float<scalar_t>(result.x);
-      out[1] = from_float<scalar_t>(result.y);
-      out[2] = from_float<scalar_t>(result.z);
-      out[3] = from_float<scalar_t>(result.w);
+      store_quad(static_cast<scalar_t*>(args.out) + seq * args.out_seq_stride +
+                     (first_head + h) * args.out_head_stride + dim_quad * 4,
+                 result);
     }
-  }
+  });
 }
 
 // Split-K combine: one block per (query head, sequence); thread t owns output quads t, t + 64, ...
@@ -357,13 +362,9 @@ __global__ void __launch_bounds__(kReduceThreads)
       acc = acc * rescale.self;
       fma_into(acc, rescale.other, partial_acc);
     }
-    acc = acc * total.inverse_sum();
-    scalar_t* out = static_cast<scalar_t*>(args.out) + seq * args.out_seq_stride +
-                    head * args.out_head_stride + dim;
-    out[0] = from_float<scalar_t>(acc.x);
-    out[1] = from_float<scalar_t>(acc.y);
-    out[2] = from_float<scalar_t>(acc.z);
-    out[3] = from_float<scalar_t>(acc.w);
+    store_quad(static_cast<scalar_t*>(args.out) + seq * args.out_seq_stride +
+                   head * args.out_head_stride + dim,
+               acc * total.inverse_sum());
   }
 }
 
