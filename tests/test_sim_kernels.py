@@ -117,6 +117,12 @@ def test_copy_blocks(num_layers, dtype, layout):
     check_copy_blocks(OPS, num_layers=num_layers, dtype=dtype, layout=layout)
 
 
+def test_copy_blocks_deeper_than_one_launch():
+    """130 layers: the per-layer pointers of 128 fit one launch's parameters, the rest take a
+    second launch."""
+    check_copy_blocks(OPS, num_layers=130, dtype=torch.float16, layout="nhd", head_size=16)
+
+
 @pytest.mark.parametrize("src_layout,dst_layout,mapping", [
     # consecutive blocks to consecutive blocks: merged into one memcpy
     pytest.param("nhd", "nhd", [[0, 5], [1, 6], [2, 7], [4, 0]], marks=pytest.mark.asan_subset),

@@ -38,8 +38,11 @@ inline void paged_attention(const LaunchContext& context, at::Tensor& out,
   // Split-K scratch comes from the tensors' allocator: on CUDA the caching allocator, on the
   // current stream and capturable by a CUDA graph; no cudaMalloc and no host sync per call.
   const at::Tensor scratch =
-      at::empty({plan.scratch_floats()}, query.options().dtype(at::kFloat));
-  launch::launch_paged_attention(params, plan, scratch.data_ptr<float>(), context.stream);
+      plan.split_k ? at::empty({plan.scratch_floats()}, query.options().dtype(at::kFloat))
+                   : at::Tensor();
+  launch::launch_paged_attention(params, plan,
+                                 plan.split_k ? scratch.data_ptr<float>() : nullptr,
+                                 context.stream);
 }
 
 inline void write_kv(const LaunchContext& context, const at::Tensor& key, const at::Tensor& value,
