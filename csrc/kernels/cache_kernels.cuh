@@ -23,7 +23,8 @@ inline constexpr int kWriteUnitElems = std::max(kElemsPerVec<input_t>, kElemsPer
 
 // Moves one unit of kWriteUnitElems elements of a token row into its cache slot.
 template <typename input_t, typename cache_t>
-__device__ __forceinline__ void write_unit(const input_t* source, cache_t* destination,
+__device__ __forceinline__ void write_unit(const input_t* source,  // [kWriteUnitElems] of a K/V row
+                                          cache_t* destination,   // [kWriteUnitElems] of a slot row
                                           float scale) {
   if constexpr (std::is_same_v<input_t, cache_t>) {
     store_vec(destination, load_vec(source));
@@ -52,10 +53,11 @@ __device__ __forceinline__ void write_unit(const input_t* source, cache_t* desti
   }
 }
 
-// One token row set (all heads of one token) of key or value into its slot.
+// All heads of one token's key (or value) into its slot (block, offset).
 template <typename input_t, typename cache_t>
 __device__ __forceinline__ void write_token(const input_t* token_rows,  // [num_kv_heads, head_size]
-                                           int64_t input_head_stride, cache_t* cache,
+                                           int64_t input_head_stride,
+                                           cache_t* cache,  // [num_blocks, block_size, num_kv_heads, head_size]
                                            const CacheLayout& layout, int64_t block,
                                            int64_t offset, float scale) {
   constexpr int kUnit = kWriteUnitElems<input_t, cache_t>;
@@ -108,8 +110,9 @@ struct CopyBlocksKernelParams {
 // Copies block src over block dst of one cache: block_size * num_kv_heads rows of head_size
 // elements, each row whole 16-byte vectors. Thread t copies vectors t, t + 128, ... of the
 // block's rows in (token, head, vector) order, so adjacent threads copy adjacent bytes.
-__device__ __forceinline__ void copy_block(unsigned char* cache, const CacheLayout& layout,
-                                           int64_t element_bytes, int64_t src, int64_t dst) {
+__device__ __forceinline__ void copy_block(
+    unsigned char* cache,  // bytes of [num_blocks, block_size, num_kv_heads, head_size] (layout)
+    const CacheLayout& layout, int64_t element_bytes, int64_t src, int64_t dst) {
   const int row_vecs = static_cast<int>(layout.head_size * element_bytes / kVecBytes);
   const int rows = static_cast<int>(layout.block_size * layout.num_kv_heads);
   for (int i = threadIdx.x; i < rows * row_vecs; i += kCacheThreads) {
