@@ -1,9 +1,9 @@
 """Where each sequence's KV lives, and what moving it costs in blocks.
 
-`KVManager` is the engine's only writer of the `PagedKVCache` sequence table. It starts sequences
-(on their cached prefix when prefix caching is on), forks them for parallel samples and beams,
-frees them, preempts whole requests (swap to the CPU pool, or drop the KV for recomputation) and
-swaps them back. It also answers the scheduler's questions in blocks; those answers are upper
+`KVManager`, with its swap pool, is the engine's only writer of the cache's sequences. It starts
+them (on their cached prefix when prefix caching is on), forks them for parallel samples and
+beams, frees them, preempts whole requests (swap to the CPU pool, or drop the KV to recompute it)
+and swaps them back. It also answers the scheduler's questions in blocks; those answers are upper
 bounds, so a step that was planned to fit never runs out of blocks halfway through a forward pass.
 
 Prefix caching: after every forward pass the engine calls `register_full_blocks`, which keys each
