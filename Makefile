@@ -25,8 +25,12 @@ build: deps
 	PAGED_ATTN_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) setup.py --quiet build_ext --inplace
 
+# The second step reruns the emulator subset marked asan_subset against an ASan+UBSan build of
+# the emulator, with the sanitizer runtime preloaded into Python.
 test: build
 	$(PY) -m pytest tests -q -p no:cacheprovider
+	env $$($(PY) csrc/sim/simt_build.py env) PAGED_ATTN_SIM_ASAN=1 \
+	  $(PY) -m pytest tests/test_sim_kernels.py -m asan_subset -q -p no:cacheprovider
 
 demo: build
 	$(PY) bench/demo.py
