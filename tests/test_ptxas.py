@@ -55,3 +55,18 @@ def test_static_shared_memory_fits_without_opt_in(kernels):
     too_big = [(k.arch, k.kernel, k.shared_bytes) for k in kernels
                if k.shared_bytes > STATIC_SHARED_LIMIT]
     assert not too_big, too_big
+
+
+def test_parser_reads_spills_registers_and_shared_memory():
+    """The spill check can fail: a ptxas report with spills is parsed as spilling."""
+    output = """\
+ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_80'
+ptxas info    : Function properties for _Z6kernelv
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 6976 bytes smem, 392 bytes cmem[0]
+"""
+    (kernel,) = load_report_module().parse_ptxas(output, "x.cu")
+    assert (kernel.arch, kernel.kernel, kernel.registers, kernel.shared_bytes) == (
+        "80", "kernel()", 255, 6976)
+    assert (kernel.stack_bytes, kernel.spill_store_bytes, kernel.spill_load_bytes) == (16, 8, 12)
+    assert kernel.spills
