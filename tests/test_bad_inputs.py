@@ -54,6 +54,10 @@ def test_wrong_dtype(case):
     call_decode(case, r"'value_cache' must have dtype", value_cache=case.value_cache.half())
 
 
+def test_out_aliasing_query(case):
+    call_decode(case, r"'out' must not share memory with 'query'", out=case.query)
+
+
 def test_head_count_not_divisible():
     odd = make_decode_case(seq_lens=[3], num_heads=6, num_kv_heads=4, head_size=64, block_size=8)
     call_decode(odd, r"num_heads \(6\) must be a positive multiple of num_kv_heads \(4\)")

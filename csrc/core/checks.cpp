@@ -231,6 +231,8 @@ PagedAttentionParams make_paged_attention_params(
       .dtype(query.scalar_type())
       .device(device)
       .last_dim_contiguous();
+  // Kernels read the query of a sequence while other work items already write its output.
+  TORCH_CHECK(!out.is_alias_of(query), op, ": argument 'out' must not share memory with 'query'");
   const auto [k_scale_data, v_scale_data] = expect_cache_pair(
       op, key_cache, value_cache, query.scalar_type(), device, k_scale, v_scale);
   Expect(op, "key_cache", key_cache).size(3, head_size, "query's head_size");
