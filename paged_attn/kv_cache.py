@@ -429,6 +429,19 @@ class PagedKVCache(Cache):
         self._layer_windows = [_UNSEEN] * len(self.layers)
         self.peak_used_blocks = 0
 
+    def restart_positions(self) -> None:
+        """Count forward positions from 0 again; every sequence and its tokens stay.
+
+        For a caller that passes its own `position_ids` on every forward pass (the engine): the
+        next pass then needs a mask over its own columns only, not over every column ever fed.
+        """
+        self._check_nothing_staged()
+        self._check_between_forward_passes()
+        for layer in self.layers:
+            layer.reset()
+        self._num_positions = 0
+        self._step = None
+
     def _reselect_rows(self, rows: list[int]) -> None:
         self._check_between_forward_passes()
         old_batch = self._batch

@@ -223,6 +223,29 @@ def test_beams_share_blocks_through_fork(models):
     assert engine.cache.allocator.refcount(first_block) == 3
 
 
+def test_attention_masks_do_not_grow_with_the_engines_history(models, greedy_case):
+    """A padded prefill's mask covers only its own columns, however many steps ran before."""
+    _, paged = models
+    prompts, _, _ = greedy_case
+    engine = Engine(paged, num_blocks=64, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    shapes = []
+    forward = paged.forward
+
+    def recording(*args, **kwargs):
+        if kwargs.get("attention_mask") is not None:
+            shapes.append((tuple(kwargs["input_ids"].shape), tuple(kwargs["attention_mask"].shape)))
+        return forward(*args, **kwargs)
+
+    paged.forward = recording
+    try:
+        for pair in (prompts[2:4], prompts[4:6]):  # ragged prompts: each prefill is padded
+            engine.generate(pair, max_new_tokens=6, use_tqdm=False)
+    finally:
+        del paged.forward
+    assert len(shapes) == 2
+    assert all(input_shape == mask_shape for input_shape, mask_shape in shapes)
+
+
 def test_requests_that_can_never_fit_are_refused(models):
     _, paged = models
     engine = Engine(paged, num_blocks=8, block_size=BLOCK_SIZE)

@@ -225,10 +225,8 @@ class Engine:
             input_ids[row, width - len(tokens):] = torch.tensor(tokens)
             position_ids[row, width - len(tokens):] = torch.arange(start, start + len(tokens))
             is_real[row, width - len(tokens):] = 1
-        attention_mask = None
-        if not bool(is_real.all()):
-            past = torch.ones((len(sequences), self.cache.get_seq_length()), dtype=torch.long)
-            attention_mask = torch.cat([past, is_real], dim=1).to(device)
+        self.cache.restart_positions()  # explicit position_ids: the mask needs no past columns
+        attention_mask = None if bool(is_real.all()) else is_real.to(device)
         self.cache.batch = [sequence.seq_id for sequence in sequences]
         output = self.model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                             attention_mask=attention_mask, past_key_values=self.cache,
