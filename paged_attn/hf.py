@@ -119,30 +119,59 @@ def _decode(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, step: Forw
     return out.unsqueeze(1)
 
 
-def _prefill(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, step: ForwardStep,
-             scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-    """Several new tokens: each sequence's real queries over its cached prefix and new tokens.
+@dataclass(frozen=True)
+class _PrefillRow:
+    """One sequence's share of a prefill: the same in every layer that has the same window."""
 
-    Only the positions some query can see are gathered (the window's, under a sliding window),
-    never a max-length buffer. Padding rows of the output are 0. Returns [batch, new, heads, dim].
+    row: int
+    columns: torch.Tensor  # [num_real] int64, the row's real (not padding) new-token columns
+    slots: torch.Tensor    # [num_keys] int64, cache slots of the keys its queries may see
+    allowed: torch.Tensor  # [1, 1, num_real, num_keys] bool, causal (and window) mask
+
+
+def _prefill_rows(cache: PagedKVCache, step: ForwardStep,
+                  sliding_window: int | None) -> list[_PrefillRow]:
+    """The prefill's rows under this window, planned by the first layer that asks for them.
+
+    Only the positions some query can see are planned (the window's, under a sliding window),
+    never a max-length buffer. Rows of padding alone are left out.
     """
-    batch_size, num_heads, num_new, head_dim = query.shape
-    out = query.new_zeros(batch_size, num_new, num_heads, head_dim)
+    window = sliding_window or None
+    planned = step.prefill_rows.get(window)
+    if planned is not None:
+        return planned
+    planned = []
     for row, seq_id in enumerate(step.seq_ids):
         columns = step.is_real[row].nonzero().squeeze(1)
         if columns.numel() == 0:
             continue
         first_query = step.start_lens[row]
-        first_key = max(0, first_query - sliding_window + 1) if sliding_window else 0
-        keys, values = cache.gather(layer_idx, seq_id, first_key)
-        query_positions = torch.arange(first_query, first_query + columns.numel(), device=query.device)
-        key_positions = torch.arange(first_key, first_key + keys.shape[0], device=query.device)
+        first_key = max(0, first_query - window + 1) if window else 0
+        slots = cache.position_slots(seq_id, first_key)
+        query_positions = torch.arange(first_query, first_query + columns.numel(),
+                                       device=slots.device)
+        key_positions = torch.arange(first_key, first_key + slots.numel(), device=slots.device)
         allowed = key_positions[None, :] <= query_positions[:, None]
-        if sliding_window:
-            allowed &= key_positions[None, :] > query_positions[:, None] - sliding_window
-        out[row, columns] = attend(
-            query[row : row + 1, :, columns], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            allowed[None, None], scale, softcap)[0]
+        if window:
+            allowed &= key_positions[None, :] > query_positions[:, None] - window
+        planned.append(_PrefillRow(row, columns, slots, allowed[None, None]))
+    step.prefill_rows[window] = planned
+    return planned
+
+
+def _prefill(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, step: ForwardStep,
+             scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    """Several new tokens: each sequence's real queries over its cached prefix and new tokens.
+
+    Padding rows of the output are 0. Returns [batch, new, heads, dim].
+    """
+    batch_size, num_heads, num_new, head_dim = query.shape
+    out = query.new_zeros(batch_size, num_new, num_heads, head_dim)
+    for plan in _prefill_rows(cache, step, sliding_window):
+        keys, values = cache.read_slots(layer_idx, plan.slots)
+        out[plan.row, plan.columns] = attend(
+            query[plan.row : plan.row + 1, :, plan.columns], keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None], plan.allowed, scale, softcap)[0]
     return out
 
 

@@ -28,7 +28,7 @@ hand-off.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -130,6 +130,8 @@ class ForwardStep:
     seq_lens: torch.Tensor      # [batch] int32, after the append
     max_seq_len: int
     start_position: int         # forward positions (padding included) before this pass
+    # Per sliding window (None: full), the prefill's rows as paged_attn.hf plans them once.
+    prefill_rows: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_new(self) -> int:
@@ -360,13 +362,21 @@ class PagedKVCache(Cache):
 
     def gather(self, layer_idx: int, seq_id: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 keys and values [seq_len - start, num_kv_heads, head_dim] of positions start.."""
+        return self.read_slots(layer_idx, self.position_slots(seq_id, start))
+
+    def position_slots(self, seq_id: int, start: int) -> torch.Tensor:  # [seq_len - start] int64
+        """Cache slots of the sequence's positions start..; the same in every layer."""
         table = self._table(seq_id)
         positions = torch.arange(start, table.num_tokens, device=self.device)
         block_ids = torch.tensor(table.block_ids, dtype=torch.int64, device=self.device)
         blocks = block_ids[positions // self.block_size]
         if bool((blocks == NO_BLOCK).any()):
             raise ValueError(f"sequence {seq_id} released positions at or after {start}")
-        slots = blocks * self.block_size + positions % self.block_size
+        return blocks * self.block_size + positions % self.block_size
+
+    def read_slots(self, layer_idx: int, slots: torch.Tensor,  # [num_slots] int64
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 keys and values [num_slots, num_kv_heads, head_dim] that one layer holds in `slots`."""
         layer = self.layers[layer_idx]
         keys = _dequantized(layer.key_cache.flatten(0, 1)[slots], layer.k_scale)
         values = _dequantized(layer.value_cache.flatten(0, 1)[slots], layer.v_scale)
