@@ -133,10 +133,6 @@ class ForwardStep:
     # Per sliding window (None: full), the prefill's rows as paged_attn.hf plans them once.
     prefill_rows: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def num_new(self) -> int:
-        return self.is_real.shape[1]
-
 
 class PagedKVCache(Cache):
     """Per-layer paged K/V pools with block tables; a drop-in `past_key_values` for generate().
