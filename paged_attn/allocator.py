@@ -138,13 +138,18 @@ class BlockAllocator:
         return len(self._unreferenced) - self._num_cached
 
     @property
+    def num_allocatable_blocks(self) -> int:
+        """Blocks `allocate` can hand out now: free ones and evictable cached ones."""
+        return len(self._unreferenced)
+
+    @property
     def stats(self) -> PrefixCacheStats:
         """A snapshot of the prefix-cache counters."""
         return replace(self._stats)
 
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether `allocate(num_blocks)` would succeed; evictable cached blocks count."""
-        return num_blocks <= len(self._unreferenced)
+        return num_blocks <= self.num_allocatable_blocks
 
     def refcount(self, block_id: int) -> int:
         """How many owners hold `block_id`."""
@@ -164,7 +169,7 @@ class BlockAllocator:
             raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
         if not self.can_allocate(num_blocks):
             raise OutOfBlocksError(
-                f"need {num_blocks} blocks but only {len(self._unreferenced)} of "
+                f"need {num_blocks} blocks but only {self.num_allocatable_blocks} of "
                 f"{self.num_blocks} can be handed out"
             )
         block_ids = []

@@ -308,8 +308,9 @@ class PagedKVCache(Cache):
         needed = self._num_blocks_needed(seq_ids, num_new_tokens)
         if not self.allocator.can_allocate(needed):
             raise OutOfBlocksError(
-                f"this step needs {needed} blocks; {self.allocator.num_free_blocks} of "
-                f"{self.num_blocks} are free (size the cache with more blocks or a larger budget)")
+                f"this step needs {needed} blocks; {self.allocator.num_allocatable_blocks} of "
+                f"{self.num_blocks} can be handed out (size the cache with more blocks or a "
+                "larger budget)")
         slots, block_copies = [], []
         for seq_id, count in zip(seq_ids, num_new_tokens):
             appended = self._table(seq_id).append(num_tokens=count)

@@ -39,7 +39,7 @@ class KVManager:
     @property
     def num_allocatable_blocks(self) -> int:
         """Blocks an allocation can take now: free ones and evictable prefix-cache ones."""
-        return self.cache.num_blocks - self.cache.allocator.num_used_blocks
+        return self.cache.allocator.num_allocatable_blocks
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
