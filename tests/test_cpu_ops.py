@@ -1,8 +1,9 @@
 """The CPU kernels of every paged_attn op against the float64 oracle in paged_attn/reference.py.
 
-Every test runs both CPU variants: the AVX-512 kernels and the portable C++ ones, chosen through
-the PAGED_ATTN_CPU_ISA override (see csrc/cpu/isa.h). On a CPU without AVX-512 the "avx512"
-variant must refuse with a clear error instead of running, so no test skips. Inputs come from
+Every test runs each CPU variant: the portable C++ kernels, the AVX-512 ones and AVX-512 with
+AMX tiles for bf16 scores, chosen through the PAGED_ATTN_CPU_ISA override (see
+csrc/cpu/isa.h). On a CPU without a variant, that variant must refuse with a clear error
+instead of running, so no test skips. Inputs come from
 tests/cases.py: shuffled physical blocks, NaN in every unused cache slot and in the output.
 """
 
@@ -17,30 +18,35 @@ from cases import (FP8, LAYOUTS, assert_matches_reference, case_id, empty_cache_
                    fp8_scale_for, make_decode_case, pairwise)
 
 OPS = torch.ops.paged_attn
-ISAS = ("portable", "avx512")
+ISAS = ("portable", "avx512", "amx")
+# The /proc/cpuinfo flags each variant needs (what csrc/cpu/isa.cpp checks through cpuid).
+ISA_FLAGS = {"portable": (), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+             "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")}
 
 
-def cpu_has_avx512() -> bool:
-    """Whether the AVX-512 kernels may run here (the flags csrc/cpu/isa.cpp checks)."""
+def cpu_has(isa: str) -> bool:
     text = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
                   if line.startswith("flags")), [])
-    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+    return all(flag in flags for flag in ISA_FLAGS[isa])
+
+
+def use_isa(monkeypatch, isa: str) -> str:
+    """Selects a kernel variant. On a CPU without it, checks that it refuses clearly and falls
+    back to the automatic choice, so the test still runs."""
+    monkeypatch.setenv("PAGED_ATTN_CPU_ISA", isa)
+    if cpu_has(isa):
+        return isa
+    case = make_decode_case(seq_lens=[3], num_heads=2, num_kv_heads=1, head_size=64, block_size=4)
+    with pytest.raises(ValueError, match="lacks"):
+        case.run(OPS.paged_attention)
+    monkeypatch.setenv("PAGED_ATTN_CPU_ISA", "auto")
+    return "auto"
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    """Selects a kernel variant for the test; on a CPU without AVX-512, the avx512 variant is
-    checked to refuse, and the test then runs on the automatic choice."""
-    if request.param == "avx512" and not cpu_has_avx512():
-        monkeypatch.setenv("PAGED_ATTN_CPU_ISA", "avx512")
-        case = make_decode_case(seq_lens=[3], num_heads=2, num_kv_heads=1, head_size=64, block_size=4)
-        with pytest.raises(ValueError, match="lacks AVX-512"):
-            case.run(OPS.paged_attention)
-        monkeypatch.setenv("PAGED_ATTN_CPU_ISA", "auto")
-        return "auto"
-    monkeypatch.setenv("PAGED_ATTN_CPU_ISA", request.param)
-    return request.param
+    return use_isa(monkeypatch, request.param)
 
 
 def run_and_check(case):
@@ -83,7 +89,7 @@ FEATURES = {
 
 @pytest.mark.parametrize("params", DECODE_GRID, ids=case_id)
 def test_paged_attention_matches_reference(params, monkeypatch):
-    monkeypatch.setenv("PAGED_ATTN_CPU_ISA", params["isa"] if cpu_has_avx512() else "portable")
+    use_isa(monkeypatch, params["isa"])
     num_heads, num_kv_heads = params["heads"]
     case = make_decode_case(
         seq_lens=LENGTHS[params["lengths"]], num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -106,6 +112,38 @@ def test_long_context_partitions_agree_with_one_pass(isa, dtype, threads):
         run_and_check(case)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads", [24, 32])
+def test_gqa_groups_wider_than_one_register_tile(isa, dtype, num_heads):
+    """12 and 16 query heads per KV head: the value accumulation splits a group into tiles."""
+    case = make_decode_case(seq_lens=[70, 33], num_heads=num_heads, num_kv_heads=2, head_size=64,
+                            block_size=16, dtype=dtype)
+    run_and_check(case)
+
+
+AMX_GRID = pairwise({
+    "heads": [(8, 8), (16, 4), (32, 4), (24, 2), (32, 2)],  # GQA 1, 4, 8, 12, 16 (tile widths)
+    "head_size": [64, 128, 256],
+    "block_size": [16, 32, 128],
+    "layout": ["nhd", "hnd", "interleaved_kv"],
+    "window": [0, 45],
+}, seed=6)
+
+
+@pytest.mark.parametrize("params", AMX_GRID, ids=case_id)
+def test_bf16_scores_on_every_tile_shape(params, monkeypatch):
+    """bf16 attention with each variant on shapes where AMX tiles apply (head sizes multiple of
+    32, up to 16 heads per group): whole groups of 16 tokens on tiles, remainders on AVX-512."""
+    num_heads, num_kv_heads = params["heads"]
+    case = make_decode_case(seq_lens=[1, 15, 16, 17, 200, 333], num_heads=num_heads,
+                            num_kv_heads=num_kv_heads, head_size=params["head_size"],
+                            block_size=params["block_size"], dtype=torch.bfloat16,
+                            layout=params["layout"], sliding_window=params["window"])
+    for isa in ISAS:
+        use_isa(monkeypatch, isa)
+        run_and_check(case)
 
 
 def test_values_past_the_sequence_never_leak(isa):
@@ -165,7 +203,7 @@ def test_alibi_matches_bloom_convention(isa):
 def test_isa_override_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("PAGED_ATTN_CPU_ISA", "sse9")
     case = make_decode_case(seq_lens=[3], num_heads=2, num_kv_heads=1, head_size=64, block_size=4)
-    with pytest.raises(ValueError, match="PAGED_ATTN_CPU_ISA must be auto, portable or avx512"):
+    with pytest.raises(ValueError, match="PAGED_ATTN_CPU_ISA must be auto, portable, avx512 or amx"):
         case.run(OPS.paged_attention)
 
 
@@ -191,7 +229,7 @@ WRITE_GRID = pairwise({
 
 @pytest.mark.parametrize("params", WRITE_GRID, ids=case_id)
 def test_write_kv_matches_reference(params, monkeypatch):
-    monkeypatch.setenv("PAGED_ATTN_CPU_ISA", params["isa"] if cpu_has_avx512() else "portable")
+    use_isa(monkeypatch, params["isa"])
     generator = torch.Generator().manual_seed(3)
     num_blocks, block_size, num_kv_heads, head_size = 7, params["block_size"], 2, params["head_size"]
     cache_dtype = FP8 if params["fp8_cache"] else params["dtype"]

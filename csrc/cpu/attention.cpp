@@ -16,9 +16,11 @@
 namespace paged_attn::cpu {
 namespace {
 
-// Work items per worker thread: enough that handing items out dynamically evens out sequences
-// of unequal length, few enough that each item streams long runs of memory.
-constexpr int64_t kItemsPerWorker = 4;
+// Work items per worker thread. The last item a worker takes decides when the call ends, so an
+// item should be a small share of a worker's time: with 32 items each, the idle tail at the
+// end of a call is about 1/32 of it at worst, while every item still streams at least
+// kMinPartitionTokens tokens of K/V.
+constexpr int64_t kItemsPerWorker = 32;
 // A partition covers at least this many tokens, so the combine step (which touches one
 // head_size row per query head and partition) stays negligible next to the K/V reads.
 constexpr int64_t kMinPartitionTokens = 256;
@@ -57,7 +59,8 @@ AttentionPlan make_plan(const PagedAttentionParams& params, int64_t num_workers)
     plan.kv_head_chunks = static_cast<int32_t>(ceil_div(params.num_kv_heads, plan.kv_heads_per_item));
   }
   plan.num_items = int64_t{params.num_seqs} * plan.partitions_per_seq * plan.kv_head_chunks;
-  plan.padded_head_size = round_up(params.head_size, kFloatsPerLine);
+  plan.head_size = params.head_size;
+  plan.padded_head_size = round_up(params.head_size, kHeadPadding);
   plan.padded_block_size = round_up(block_size, kFloatsPerLine);
   return plan;
 }
@@ -88,14 +91,17 @@ Workspace thread_workspace(const AttentionPlan& plan) {
   thread_local ReusableBuffer buffer;
   const int64_t item_heads = int64_t{plan.kv_heads_per_item} * plan.group_size;
   const int64_t head_rows = item_heads * plan.padded_head_size;
-  float* floats = buffer.floats(2 * head_rows + plan.group_size * plan.padded_block_size +
-                                plan.padded_head_size);
+  const int64_t score_floats = plan.group_size * plan.padded_block_size;
+  // workspace.block holds a block of fp32 K rows, or the group's bf16 weights of a block.
+  const int64_t block_floats = plan.padded_block_size * std::max<int64_t>(plan.padded_head_size, plan.group_size);
+  float* floats = buffer.floats(3 * head_rows + score_floats + block_floats);
   Workspace workspace;
   workspace.queries = floats;
   workspace.accumulators = floats + head_rows;
   workspace.scores = floats + 2 * head_rows;
-  workspace.row = workspace.scores + plan.group_size * plan.padded_block_size;
+  workspace.block = workspace.scores + score_floats;
   workspace.states = buffer.states(item_heads);
+  workspace.packed = workspace.block + block_floats;
   return workspace;
 }
 
@@ -131,9 +137,11 @@ void combine_partitions(const PagedAttentionParams& params, const AttentionPlan&
 
 void run_paged_attention(const PagedAttentionParams& params) {
   if (params.num_seqs == 0) return;
-  const ItemKernel kernel = selected_isa() == CpuIsa::kAvx512
-                                ? avx512_item_kernel(params.query_dtype, params.key_layout.dtype)
-                                : portable_item_kernel(params.query_dtype, params.key_layout.dtype);
+  const CpuIsa isa = selected_isa();
+  const ItemKernel kernel =
+      isa == CpuIsa::kPortable
+          ? portable_item_kernel(params.query_dtype, params.key_layout.dtype)
+          : avx512_item_kernel(params.query_dtype, params.key_layout.dtype, isa == CpuIsa::kAmx);
   const int64_t num_workers = at::get_num_threads();
   AttentionPlan plan = make_plan(params, num_workers);
 

@@ -15,7 +15,12 @@
 // baseline ISA and the linker cannot merge an AVX-512 copy of them into portable code.
 #pragma once
 
+#ifndef PAGED_ATTN_PREFETCH_STRIDE
+#define PAGED_ATTN_PREFETCH_STRIDE 64
+#endif
+
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "core/params.h"
@@ -26,6 +31,9 @@ namespace paged_attn::cpu {
 // Rows of fp32 workspace are padded to this many floats (one 64-byte cache line) so that every
 // row starts aligned and vector loops never need a scalar tail on the workspace side.
 constexpr int64_t kFloatsPerLine = 16;
+// Accumulator rows are padded to 32 floats: the AVX-512 bf16 path keeps each 32-column chunk of
+// an accumulator as two interleaved 16-lane halves (see attention_avx512.cpp).
+constexpr int64_t kHeadPadding = 32;
 
 inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -66,7 +74,8 @@ struct AttentionPlan {
   int32_t blocks_per_partition;  // logical blocks per partition of a sequence's attended range
   int32_t partitions_per_seq;    // enough partitions for the longest attended range
   int64_t num_items;             // num_seqs * partitions_per_seq * kv_head_chunks
-  int64_t padded_head_size;      // head_size rounded up to kFloatsPerLine (workspace row length)
+  int32_t head_size;
+  int64_t padded_head_size;      // head_size rounded up to kHeadPadding (workspace row length)
   int64_t padded_block_size;     // block_size rounded up to kFloatsPerLine (score row length)
   float* partial_accumulators;   // [num_seqs, num_heads, partitions_per_seq, padded_head_size]
                                  // unnormalised outputs; nullptr when partitions_per_seq == 1
@@ -95,8 +104,11 @@ struct Workspace {
   float* queries;        // [kv_heads_per_item * group_size, padded_head_size] fp32 queries
   float* accumulators;   // [kv_heads_per_item * group_size, padded_head_size] sum_t p_t * v_t
   float* scores;         // [group_size, padded_block_size] scores, then probabilities, of a block
-  float* row;            // [padded_head_size] one K or V row converted to fp32
+  float* block;          // [padded_block_size, padded_head_size] one block's K rows in fp32,
+                         // or [group_size, padded_block_size] bf16 weights of a block
   SoftmaxState* states;  // [kv_heads_per_item * group_size] running softmax of each query head
+  float* packed;         // [kv_heads_per_item * group_size, padded_head_size] room for an
+                         // instruction set's own copy of the queries (AMX tile layout)
 };
 
 // The query rows of one KV head's GQA group.
@@ -106,6 +118,7 @@ struct QueryGroup {
   int64_t raw_head_stride;
   const float* converted;    // [group_size, padded_head_size] the same rows in fp32
   int32_t group_size;
+  int32_t index;             // position of this KV head among the work item's KV heads
 };
 
 // The K (or V) rows of one KV head inside one physical block.
@@ -118,14 +131,88 @@ struct BlockRows {
   int32_t end;          // one past the last attended token of the block
 };
 
-// Asks the memory system for `bytes` starting at `address` ahead of use. Data goes to L2 (not
-// L1): the next block is a whole block's worth of work away, long enough for L1 to evict it.
-inline void prefetch_bytes(const void* address, int64_t bytes) {
-  const char* line = static_cast<const char*>(address);
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    __builtin_prefetch(line + offset, /*rw=*/0, /*locality=*/2);
+// The rows of the block an item reads next, to prefetch row t while row t of the current block
+// is processed: that spreads the prefetches evenly over the work. Only the first cache line of
+// a row is requested: it starts the page walk and the hardware stream for that row, which the
+// L2 streamer then completes without holding one of the core's few L1 miss buffers per line
+// (prefetching every line measured slower for fp32 rows).
+struct NextRows {
+  const char* first;  // row 0 of the next block, or nullptr when there is none
+  int64_t stride;     // bytes from one row to the next
+
+  void prefetch(int64_t token) const {
+    if (first) __builtin_prefetch(first + token * stride, /*rw=*/0, /*locality=*/2);
   }
+};
+
+template <typename KV>
+NextRows next_rows(const BlockRows<KV>& block) {
+  return {reinterpret_cast<const char*>(block.next_rows),
+          block.token_stride * static_cast<int64_t>(sizeof(KV))};
 }
+
+// The next block's K (or V) rows of all of an item's heads, when they form one contiguous byte
+// range (dense NHD, all heads of the item); empty otherwise.
+struct ByteRange {
+  const char* first = nullptr;
+  int64_t bytes = 0;
+
+  // The `slice`-th of `slices` equal parts, aligned to cache lines.
+  ByteRange slice(int64_t index, int64_t slices) const {
+    if (!first) return {};
+    const int64_t begin = bytes * index / slices / 64 * 64;
+    return {first + begin, bytes * (index + 1) / slices - begin};
+  }
+};
+
+template <typename KV>
+ByteRange next_block_range(const KV* cache, const CacheLayout& layout, int64_t next_physical,
+                           int32_t item_heads, int32_t num_kv_heads) {
+  if (next_physical < 0 || item_heads != num_kv_heads || !layout.block_is_dense()) return {};
+  return {reinterpret_cast<const char*>(cache + layout.offset(next_physical, 0, 0)),
+          layout.block_size * layout.token_stride * static_cast<int64_t>(sizeof(KV))};
+}
+
+// Prefetches up to two byte ranges a few cache lines at a time, in ascending order, as the
+// kernels call step() from their inner loops. A core can only wait on a handful of L1 misses at
+// once (its fill buffers); a burst of prefetches would stall the pipeline until they drain,
+// serialising memory and compute, whereas a steady trickle keeps both busy. The ascending
+// order also lets the L2 streamer run ahead within each page.
+class PrefetchStream {
+ public:
+  static constexpr int64_t kPrefetchStride = PAGED_ATTN_PREFETCH_STRIDE;
+  PrefetchStream() = default;
+  PrefetchStream(ByteRange first, ByteRange second, int64_t expected_steps) {
+    ranges_[0] = first;
+    ranges_[1] = second;
+    const int64_t lines = (first.bytes + second.bytes + kPrefetchStride - 1) / kPrefetchStride;
+    lines_per_step_ = expected_steps > 0 ? (lines + expected_steps - 1) / expected_steps : lines;
+  }
+
+  void step() {
+    for (int64_t line = 0; line < lines_per_step_ && current_ < 2; ++line) {
+      const ByteRange& range = ranges_[current_];
+      if (offset_ < range.bytes) {
+        __builtin_prefetch(range.first + offset_, /*rw=*/0, /*locality=*/3);
+        offset_ += kPrefetchStride;
+      } else {
+        ++current_;
+        offset_ = 0;
+      }
+    }
+  }
+  // Issues whatever the steps did not reach.
+  void finish() {
+    lines_per_step_ = INT64_MAX;
+    step();
+  }
+
+ private:
+  ByteRange ranges_[2];
+  int current_ = 0;
+  int64_t offset_ = 0;
+  int64_t lines_per_step_ = 0;
+};
 
 // Writes `factor * source[0..count)` into `destination` in its storage type, rounding to
 // nearest even as tensor.to(dtype) does.
@@ -141,6 +228,7 @@ using ItemKernel = void (*)(const PagedAttentionParams& params, const AttentionP
 // Selection of the item kernel for a dtype pair. The AVX-512 variant must only be called on a
 // CPU that has AVX-512 F/BW/VL/BF16 (see isa.h).
 ItemKernel portable_item_kernel(ScalarKind query, ScalarKind cache);
-ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache);
+// use_amx: bf16 scores through AMX tiles; only when cpu_supports_amx().
+ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache, bool use_amx);
 
 }  // namespace paged_attn::cpu

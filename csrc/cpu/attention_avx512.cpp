@@ -1,7 +1,7 @@
 // The AVX-512 work-item kernel of paged_attention (F/BW/VL/BF16: Sapphire Rapids, Zen 4).
 //
-// Only this file is compiled for AVX-512, through a target pragma; isa.cpp decides at run time
-// whether it may be called. Every header is included *before* the pragma so that the inline
+// Only this file is compiled for AVX-512 (and AMX), through a target pragma; isa.cpp decides at
+// run time whether it may be called, and whether its AMX path may run. Every header is included *before* the pragma so that the inline
 // functions they define stay baseline code; the algorithm (attention_item.h) is included after
 // it and keeps internal linkage, so only this file's copy ever runs with AVX-512.
 //
@@ -10,6 +10,9 @@
 // read, since a padded cache may hold NaN there). 16-bit rows are loaded 16 elements (32
 // bytes) at a time and widened to fp32 in registers; bf16 x bf16 dot products instead use
 // vdpbf16ps on 32-element chunks, which multiplies pairs of bf16 exactly and adds in fp32.
+// Work per (token, KV head) is kept well under the time its K and V rows take to arrive from
+// DRAM (~40 ns for bf16 head_size 128 at 12.5 GB/s per core), so the kernel streams at the
+// memory's pace: dot products are reduced 16 at a time, and accumulators stay in registers.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,7 +29,10 @@
 #include "cpu/dtype_dispatch.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")
+// GCC 12 flags its own _mm512_cvtph_ps (avx512fintrin.h) as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "cpu/attention_item.h"
 
@@ -90,64 +96,460 @@ inline __m512 exp_floats(__m512 x) {
   return _mm512_scalef_ps(poly, n);
 }
 
-template <typename KV>
-inline void prefetch_row(const BlockRows<KV>& block, int32_t token, int32_t head_size) {
-  if (block.next_rows) prefetch_bytes(block.next_rows + token * block.token_stride, head_size * sizeof(KV));
+// Horizontal sums of 16 vectors at once. A dot product leaves 16 partial sums in a vector;
+// reducing each vector alone costs about 8 shuffle/add steps, while this tree reduces 16
+// vectors in 4 levels of (2 shuffles + 1 add) per pair, ~3 instructions per dot product.
+// Level 1 adds the 256-bit halves of vectors 2k and 2k+1 into one vector (8 lanes each),
+// level 2 adds 128-bit quarters (4 lanes each), levels 3 and 4 add within quarters. The sum of
+// the vector in slot s lands in lane lane_of_slot(s) = 4 * (s % 4) + s / 4 (a 4x4 transpose,
+// its own inverse): callers put the dot product they want in lane p into slot lane_of_slot(p).
+constexpr int lane_of_slot(int slot) { return 4 * (slot % 4) + slot / 4; }
+
+// One level of the tree: the sum of the two selections of a and b made by the immediates,
+// whole 128-bit quarters (vshuff32x4) or elements within each quarter (vshufps).
+template <int kFirst, int kSecond, bool kWithinQuarters>
+inline __m512 add_selected(__m512 a, __m512 b) {
+  if constexpr (kWithinQuarters) {
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, kFirst), _mm512_shuffle_ps(a, b, kSecond));
+  } else {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, kFirst), _mm512_shuffle_f32x4(a, b, kSecond));
+  }
+}
+constexpr auto add_halves = add_selected<_MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), false>;
+constexpr auto add_quarters = add_selected<_MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), false>;
+constexpr auto add_pairs = add_selected<_MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2), true>;
+constexpr auto add_singles = add_selected<_MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1), true>;
+// Levels 2-4 of the tree, given level 1's output (halves[i] = add_halves(slot 2i, slot 2i+1),
+// which callers compute as soon as both slots are ready, to keep fewer vectors live).
+inline __m512 sum_each_of_16(const __m512 (&halves)[8]) {
+  __m512 quarters[4], pairs[2];
+  for (int i = 0; i < 4; ++i) quarters[i] = add_quarters(halves[2 * i], halves[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) pairs[i] = add_pairs(quarters[2 * i], quarters[2 * i + 1]);
+  return add_singles(pairs[0], pairs[1]);
 }
 
-struct Avx512Isa {
-  // scores[g * score_stride + t] = q_g . k_t for the attended tokens t of one block.
-  template <typename Q, typename KV>
-  static void score_block(const QueryGroup<Q>& queries, const BlockRows<KV>& keys,
-                          int32_t head_size, int64_t row_length, int64_t score_stride,
-                          float* scores, float* row) {
-    if constexpr (std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>) {
-      score_block_bf16(queries, keys, head_size, score_stride, scores);
-    } else {
-      for (int32_t t = keys.begin; t < keys.end; ++t) {
-        prefetch_row(keys, t, head_size);
-        // fp32 rows are used in place; narrower ones are widened once into `row`, which all
-        // heads of the group then read from L1.
-        const KV* key = keys.rows + t * keys.token_stride;
-        const float* key_floats = row;
-        if constexpr (std::is_same_v<KV, float>) {
-          key_floats = key;
+// Dot products of one query row with key rows, one step (chunk of the head dimension) at a
+// time, so that a caller can advance 16 independent dot products together and keep them all
+// in registers. step() leaves 16 partial sums per dot product in a vector.
+// Fp32Dot: fp32 query (zero-padded, aligned) against fp32 key rows, 16 elements per step.
+struct Fp32Dot {
+  using Key = float;
+  using Mask = __mmask16;
+  using QueryChunk = __m512;
+  static constexpr int kStep = 16;
+  const float* queries;  // [group_size, row_length]
+  int64_t row_length;
+
+  static Mask mask(int64_t remaining) { return first_lanes16(remaining); }
+  QueryChunk query(int32_t g, int64_t d, Mask) const { return _mm512_load_ps(queries + g * row_length + d); }
+  static __m512 step(__m512 sum, QueryChunk query, const float* key, Mask lanes) {
+    return _mm512_fmadd_ps(query, _mm512_maskz_loadu_ps(lanes, key), sum);
+  }
+};
+
+// Bf16Dot: bf16 query rows straight from the query tensor against bf16 key rows, 32 elements
+// per step: vdpbf16ps multiplies neighbouring pairs exactly and adds both products into the
+// 16 fp32 lanes.
+struct Bf16Dot {
+  using Key = BFloat16;
+  using Mask = __mmask32;
+  using QueryChunk = __m512bh;
+  static constexpr int kStep = 32;
+  const BFloat16* queries;  // [group_size, head_size], rows query_stride apart
+  int64_t query_stride;
+
+  static Mask mask(int64_t remaining) { return first_lanes32(remaining); }
+  QueryChunk query(int32_t g, int64_t d, Mask lanes) const {
+    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(lanes, queries + g * query_stride + d));
+  }
+  static __m512 step(__m512 sum, QueryChunk query, const BFloat16* key, Mask lanes) {
+    return _mm512_dpbf16_ps(sum, query, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(lanes, key)));
+  }
+};
+
+// A kernel table indexed by a run-time count: kernels[n - 1] is Kernel<n>, for n up to kCount,
+// each with kFull = whether the head dimension splits into whole chunks (every mask all ones,
+// known at compile time, so masked loads compile to plain ones).
+template <template <int, bool> class Kernel, int kCount>
+struct KernelTable {
+  template <bool kFull, int... kMinusOne>
+  static constexpr auto make(std::integer_sequence<int, kMinusOne...>) {
+    return std::array{&Kernel<kMinusOne + 1, kFull>::run...};
+  }
+  static constexpr auto full = make<true>(std::make_integer_sequence<int, kCount>{});
+  static constexpr auto partial = make<false>(std::make_integer_sequence<int, kCount>{});
+  static auto pick(int count, bool whole_chunks) {
+    return (whole_chunks ? full : partial)[count - 1];
+  }
+};
+
+// Lanes of the chunk of a head row starting at `start`; all ones (a compile-time constant)
+// when the caller knows every chunk is whole.
+template <bool kFull, class Dot>
+inline typename Dot::Mask chunk_mask(int64_t head_size, int64_t start) {
+  return kFull ? typename Dot::Mask(~typename Dot::Mask(0)) : Dot::mask(head_size - start);
+}
+
+// The dot products of every query of a group with key rows [begin, end), 16 tokens at a time
+// reduced together by sum_each_of_16, a remainder of fewer than 16 one by one. kSteps is the
+// number of Dot steps per head row (fully unrolled, the query chunks held in registers);
+// kSteps = 0 is the generic loop for heads longer than the table. scores: [group, block].
+template <class Dot>
+struct ScoreRows {
+  template <int kSteps, bool kFull>
+  struct Kernel {
+    static void run(const Dot& dot, const typename Dot::Key* rows, int64_t row_stride,
+                    int32_t begin, int32_t end, int32_t group_size, float score_scale,
+                    const NextRows& next, PrefetchStream& stream, const AttentionPlan& plan,
+                    float* scores) {
+      const int32_t head_size = plan.head_size;
+      const __m512 scale = _mm512_set1_ps(score_scale);
+      // Query chunks and masks of head g, for kSteps > 0.
+      typename Dot::Mask lanes[kSteps > 0 ? kSteps : 1];
+      typename Dot::QueryChunk query[kSteps > 0 ? kSteps : 1];
+      const auto load_query = [&](int32_t g) {
+        for (int step = 0; step < kSteps; ++step) {
+          lanes[step] = chunk_mask<kFull, Dot>(head_size, step * Dot::kStep);
+          query[step] = dot.query(g, step * Dot::kStep, lanes[step]);
+        }
+      };
+      const auto dot_product = [&](int32_t g, const typename Dot::Key* key) {
+        __m512 sum = _mm512_setzero_ps();
+        if constexpr (kSteps > 0) {
+          for (int step = 0; step < kSteps; ++step) {
+            sum = Dot::step(sum, query[step], key + step * Dot::kStep, lanes[step]);
+          }
         } else {
-          for (int64_t d = 0; d < head_size; d += 16) {
-            _mm512_store_ps(row + d, load_floats(key + d, first_lanes16(head_size - d)));
+          for (int64_t d = 0; d < head_size; d += Dot::kStep) {
+            const typename Dot::Mask mask = chunk_mask<kFull, Dot>(head_size, d);
+            sum = Dot::step(sum, dot.query(g, d, mask), key + d, mask);
           }
         }
-        for (int32_t g = 0; g < queries.group_size; ++g) {
-          const float* query = queries.converted + g * row_length;
-          __m512 sum = _mm512_setzero_ps();
-          for (int64_t d = 0; d < head_size; d += 16) {
-            const __m512 k = load_floats(key_floats + d, first_lanes16(head_size - d));
-            sum = _mm512_fmadd_ps(_mm512_load_ps(query + d), k, sum);
+        return sum;
+      };
+      // Tokens outer, heads inner: the 16 rows of a group stay in L1 while every head of the
+      // group reads them. (With heads outer, NHD rows 2 KiB apart map to few L1 sets and a
+      // block's rows evict each other before the next head comes back to them.)
+      int32_t t = begin;
+      for (; t + 16 <= end; t += 16) {
+        for (int32_t token = t; token < t + 16; ++token) next.prefetch(token);
+        const typename Dot::Key* first = rows + t * row_stride;
+        for (int32_t g = 0; g < group_size; ++g) {
+          load_query(g);
+          __m512 halves[8];
+#pragma GCC unroll 8
+          for (int pair = 0; pair < 8; ++pair) {
+            stream.step();
+            stream.step();
+            halves[pair] = add_halves(dot_product(g, first + lane_of_slot(2 * pair) * row_stride),
+                                      dot_product(g, first + lane_of_slot(2 * pair + 1) * row_stride));
           }
-          scores[g * score_stride + t] = _mm512_reduce_add_ps(sum);
+          _mm512_storeu_ps(scores + g * plan.padded_block_size + t,
+                           _mm512_mul_ps(sum_each_of_16(halves), scale));
+        }
+      }
+      for (; t < end; ++t) {
+        next.prefetch(t);
+        for (int32_t g = 0; g < group_size; ++g) {
+          stream.step();
+          load_query(g);
+          scores[g * plan.padded_block_size + t] =
+              _mm512_reduce_add_ps(dot_product(g, rows + t * row_stride)) * score_scale;
         }
       }
     }
+  };
+  static constexpr int kMaxUnrolledSteps = 8;
+  using Table = KernelTable<Kernel, kMaxUnrolledSteps>;
+
+  static void run(const Dot& dot, const typename Dot::Key* rows, int64_t row_stride, int32_t begin,
+                  int32_t end, int32_t group_size, float score_scale, const NextRows& next,
+                  PrefetchStream& stream, const AttentionPlan& plan, float* scores) {
+    const int64_t steps = (plan.head_size + Dot::kStep - 1) / Dot::kStep;
+    const bool whole_chunks = plan.head_size % Dot::kStep == 0;
+    const auto kernel = steps <= kMaxUnrolledSteps ? Table::pick(steps, whole_chunks)
+                        : whole_chunks             ? &Kernel<0, true>::run
+                                                   : &Kernel<0, false>::run;
+    kernel(dot, rows, row_stride, begin, end, group_size, score_scale, next, stream, plan, scores);
+  }
+};
+
+// Register tile of the value accumulation: kHeads query heads x kVectors * 16 output columns
+// of accumulators stay in registers while the block's V rows stream past; each V chunk is
+// loaded and widened once and feeds kHeads fused multiply-adds. kHeads * kVectors <= 16
+// accumulators, plus kVectors V chunks and a broadcast weight, fit the 32 zmm registers.
+// weights: [kHeads, padded_block_size]; accumulators: [kHeads, padded_head_size].
+template <typename KV>
+struct AccumulateTile {
+  // Vectors of columns per pass for a tile of `heads` query heads.
+  static constexpr int vectors_for(int heads) { return heads <= 2 ? 8 : heads <= 4 ? 4 : 2; }
+
+  template <int kHeads, bool kFull>
+  struct Kernel {
+    static constexpr int kVectors = vectors_for(kHeads);
+    static constexpr int kColumns = 16 * kVectors;
+
+    static void run(const BlockRows<KV>& values, const float* weights, float* accumulators,
+                    const NextRows& next, PrefetchStream* stream, const AttentionPlan& plan) {
+      const int32_t head_size = plan.head_size;
+      const int64_t row_length = plan.padded_head_size;
+      const int64_t weight_stride = plan.padded_block_size;
+      for (int64_t column = 0; column < head_size; column += kColumns) {
+        __mmask16 lanes[kVectors];
+        __m512 sums[kHeads][kVectors];
+        for (int v = 0; v < kVectors; ++v) {
+          lanes[v] = kFull ? __mmask16(0xFFFF) : first_lanes16(head_size - column - 16 * v);
+          for (int g = 0; g < kHeads; ++g) {
+            sums[g][v] = _mm512_maskz_loadu_ps(lanes[v], accumulators + g * row_length + column + 16 * v);
+          }
+        }
+        for (int32_t t = values.begin; t < values.end; ++t) {
+          if (column == 0) {
+            next.prefetch(t);
+            if (stream) stream->step();
+          }
+          const KV* value = values.rows + t * values.token_stride + column;
+          __m512 chunks[kVectors];
+          for (int v = 0; v < kVectors; ++v) chunks[v] = load_floats(value + 16 * v, lanes[v]);
+          for (int g = 0; g < kHeads; ++g) {
+            const __m512 weight = _mm512_set1_ps(weights[g * weight_stride + t]);
+            for (int v = 0; v < kVectors; ++v) sums[g][v] = _mm512_fmadd_ps(weight, chunks[v], sums[g][v]);
+          }
+        }
+        for (int v = 0; v < kVectors; ++v) {
+          for (int g = 0; g < kHeads; ++g) {
+            _mm512_mask_storeu_ps(accumulators + g * row_length + column + 16 * v, lanes[v], sums[g][v]);
+          }
+        }
+      }
+    }
+  };
+  static constexpr int kMaxHeads = 8;
+  using Table = KernelTable<Kernel, kMaxHeads>;
+};
+
+// Value accumulation for bf16 caches, two tokens per instruction: vdpbf16ps multiplies 16
+// pairs of bf16 and adds each pair's two products into one fp32 lane. The rows of tokens t and
+// t+1 are interleaved (unpacklo/unpackhi_epi16), giving pairs (v_t[d], v_t+1[d]), and the
+// weights (p_t, p_t+1) are rounded to bf16 and broadcast as one 32-bit pair. Each 32-column
+// chunk of the head then lives in two accumulators in the unpack order (lane 4j + k of the
+// "low" half is column 8j + k, of the "high" half column 8j + 4 + k, for j, k < 4);
+// finish_accumulators restores natural order once per item. A lone last token pairs with a
+// zero row (never with the slot after it, which may hold NaN).
+// weights: [kHeads, padded_block_size] bf16; accumulators: [kHeads, padded_head_size].
+struct Bf16PairTile {
+  static constexpr int chunks_for(int heads) { return heads <= 2 ? 4 : heads <= 4 ? 2 : 1; }
+
+  template <int kHeads, bool kFull>
+  struct Kernel {
+    static constexpr int kChunks = chunks_for(kHeads);
+
+    static void run(const BlockRows<BFloat16>& values, const BFloat16* weights,
+                    float* accumulators, const NextRows& next, PrefetchStream* stream,
+                    const AttentionPlan& plan) {
+      const int32_t head_size = plan.head_size;
+      const int64_t row_length = plan.padded_head_size;
+      const int64_t weight_stride = plan.padded_block_size;
+      for (int64_t column = 0; column < head_size; column += 32 * kChunks) {
+        __mmask32 lanes[kChunks];
+        __mmask16 stored[kChunks];  // accumulator chunks that exist in the padded row
+        __m512 sums[kHeads][kChunks][2];
+        for (int c = 0; c < kChunks; ++c) {
+          const int64_t start = column + 32 * c;
+          lanes[c] = kFull ? __mmask32(0xFFFFFFFF) : first_lanes32(head_size - start);
+          stored[c] = kFull || start < head_size ? __mmask16(0xFFFF) : __mmask16(0);
+          for (int g = 0; g < kHeads; ++g) {
+            for (int half = 0; half < 2; ++half) {
+              sums[g][c][half] = _mm512_maskz_loadu_ps(stored[c], accumulators + g * row_length + start + 16 * half);
+            }
+          }
+        }
+        for (int32_t t = values.begin; t < values.end; t += 2) {
+          // A lone last token reads no second row (mask 0) and gets a zero second weight.
+          const bool pair = t + 1 < values.end;
+          if (column == 0) {
+            next.prefetch(t);
+            if (pair) next.prefetch(t + 1);
+            if (stream) {
+              stream->step();
+              stream->step();
+            }
+          }
+          const BFloat16* first_row = values.rows + t * values.token_stride + column;
+          const BFloat16* second_row = first_row + (pair ? values.token_stride : 0);
+          __m512i low[kChunks], high[kChunks];
+          for (int c = 0; c < kChunks; ++c) {
+            const __m512i first = _mm512_maskz_loadu_epi16(lanes[c], first_row + 32 * c);
+            const __m512i second = _mm512_maskz_loadu_epi16(pair ? lanes[c] : __mmask32(0), second_row + 32 * c);
+            low[c] = _mm512_unpacklo_epi16(first, second);
+            high[c] = _mm512_unpackhi_epi16(first, second);
+          }
+          const uint32_t weight_mask = pair ? 0xFFFFFFFFu : 0xFFFFu;
+          for (int g = 0; g < kHeads; ++g) {
+            uint32_t weights_of_pair;  // (p_t, p_t+1) as two bf16, low half first
+            std::memcpy(&weights_of_pair, weights + g * weight_stride + t, sizeof(weights_of_pair));
+            const __m512bh weight = reinterpret_cast<__m512bh>(
+                _mm512_set1_epi32(static_cast<int>(weights_of_pair & weight_mask)));
+            for (int c = 0; c < kChunks; ++c) {
+              sums[g][c][0] = _mm512_dpbf16_ps(sums[g][c][0], reinterpret_cast<__m512bh>(low[c]), weight);
+              sums[g][c][1] = _mm512_dpbf16_ps(sums[g][c][1], reinterpret_cast<__m512bh>(high[c]), weight);
+            }
+          }
+        }
+        for (int c = 0; c < kChunks; ++c) {
+          for (int g = 0; g < kHeads; ++g) {
+            for (int half = 0; half < 2; ++half) {
+              _mm512_mask_storeu_ps(accumulators + g * row_length + column + 32 * c + 16 * half,
+                                    stored[c], sums[g][c][half]);
+            }
+          }
+        }
+      }
+    }
+  };
+  static constexpr int kMaxHeads = 8;
+  using Table = KernelTable<Kernel, kMaxHeads>;
+
+  // Puts `rows` accumulator rows back into natural column order, 32 columns at a time.
+  static void restore_column_order(float* accumulators, int32_t rows, const AttentionPlan& plan) {
+    const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int32_t row = 0; row < rows; ++row) {
+      float* accumulator = accumulators + row * plan.padded_head_size;
+      for (int64_t column = 0; column < plan.head_size; column += 32) {
+        const __m512 low = _mm512_load_ps(accumulator + column);
+        const __m512 high = _mm512_load_ps(accumulator + column + 16);
+        _mm512_store_ps(accumulator + column, _mm512_permutex2var_ps(low, first_half, high));
+        _mm512_store_ps(accumulator + column + 16, _mm512_permutex2var_ps(low, second_half, high));
+      }
+    }
+  }
+};
+
+// bf16 scores on AMX: one TDPBF16PS multiplies a 16 x 32 tile of K (16 tokens, 32 dims, loaded
+// straight from the cache with the token stride) by a 32 x G tile of the group's queries and
+// adds into a 16 x G fp32 tile of scores, so 16 tokens x G heads cost head_size / 32 tile
+// instructions instead of 16 * G AVX-512 dot products. The query tile must be in the "VNNI"
+// layout: row r holds, for each head n, the pair (q_n[2r], q_n[2r + 1]); begin_item packs it
+// once per item into workspace.packed, [item KV head][dim chunk][16 rows][G pairs]. Tiles:
+// tmm0 scores, tmm1 keys, tmm2 queries (configured per item by configure()).
+struct AmxScores {
+  static bool applicable(const AttentionPlan& plan) {
+    return plan.head_size % 32 == 0 && plan.group_size <= 16;
   }
 
-  // bf16 queries and keys: vdpbf16ps takes 32 bf16 of each, multiplies neighbouring pairs
-  // exactly and adds both products into the 16 fp32 lanes.
-  static void score_block_bf16(const QueryGroup<BFloat16>& queries,
-                               const BlockRows<BFloat16>& keys, int32_t head_size,
-                               int64_t score_stride, float* scores) {
-    for (int32_t t = keys.begin; t < keys.end; ++t) {
-      prefetch_row(keys, t, head_size);
-      const BFloat16* key = keys.rows + t * keys.token_stride;
-      for (int32_t g = 0; g < queries.group_size; ++g) {
-        const BFloat16* query = queries.raw + g * queries.raw_head_stride;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t d = 0; d < head_size; d += 32) {
-          const __mmask32 lanes = first_lanes32(head_size - d);
-          const __m512i q = _mm512_maskz_loadu_epi16(lanes, query + d);
-          const __m512i k = _mm512_maskz_loadu_epi16(lanes, key + d);
-          sum = _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(q), reinterpret_cast<__m512bh>(k));
+  struct alignas(64) TileConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  };
+
+  static void configure(int32_t group_size) {
+    TileConfig config;
+    config.rows[0] = config.rows[1] = config.rows[2] = 16;
+    config.bytes_per_row[0] = static_cast<uint16_t>(4 * group_size);  // fp32 score per head
+    config.bytes_per_row[1] = 64;                                      // 32 bf16 of a K row
+    config.bytes_per_row[2] = static_cast<uint16_t>(4 * group_size);   // bf16 pair per head
+    _tile_loadconfig(&config);
+  }
+
+  static void pack_queries(const BFloat16* query, int64_t head_stride, int32_t heads,
+                           int32_t group_size, int32_t head_size, uint32_t* packed) {
+    const int32_t chunks = head_size / 32;
+    for (int32_t kv = 0; kv < heads; ++kv) {
+      for (int32_t c = 0; c < chunks; ++c) {
+        for (int32_t r = 0; r < 16; ++r) {
+          for (int32_t n = 0; n < group_size; ++n) {
+            const BFloat16* pair = query + (kv * group_size + n) * head_stride + 32 * c + 2 * r;
+            uint32_t word;
+            std::memcpy(&word, pair, sizeof(word));
+            packed[((kv * chunks + c) * 16 + r) * group_size + n] = word;
+          }
         }
-        scores[g * score_stride + t] = _mm512_reduce_add_ps(sum);
+      }
+    }
+    // The tile loads are inline assembly that the compiler does not know reads `packed`.
+    asm volatile("" ::: "memory");
+  }
+
+  // Scores of the whole groups of 16 tokens in [keys.begin, keys.end); returns where the
+  // remainder (fewer than 16 tokens) starts.
+  static int32_t score_groups(const QueryGroup<BFloat16>& queries, const BlockRows<BFloat16>& keys,
+                              float score_scale, const AttentionPlan& plan,
+                              const Workspace& workspace, PrefetchStream& stream) {
+    const int32_t group_size = queries.group_size;
+    const int32_t chunks = plan.head_size / 32;
+    const uint32_t* packed = reinterpret_cast<const uint32_t*>(workspace.packed) +
+                             int64_t{queries.index} * chunks * 16 * group_size;
+    const int64_t row_bytes = keys.token_stride * static_cast<int64_t>(sizeof(BFloat16));
+    const NextRows next = next_rows(keys);
+    const __m512 scale = _mm512_set1_ps(score_scale);
+    // The score tile is stored as [16 tokens][group_size]: head g's 16 scores are elements
+    // g, g + group_size, g + 2 * group_size, ... of the image.
+    const __m512i token_offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(group_size));
+    alignas(64) float tile[16 * 16];
+    int32_t t = keys.begin;
+    for (; t + 16 <= keys.end; t += 16) {
+      _tile_zero(0);
+      for (int32_t c = 0; c < chunks; ++c) {
+        _tile_loadd(1, keys.rows + t * keys.token_stride + 32 * c, row_bytes);
+        _tile_loadd(2, packed + c * 16 * group_size, 4 * group_size);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, tile, 4 * group_size);
+      for (int32_t token = t; token < t + 16; ++token) {
+        next.prefetch(token);
+        stream.step();
+      }
+      for (int32_t g = 0; g < group_size; ++g) {
+        const __m512 scores = _mm512_i32gather_ps(token_offsets, tile + g, 4);
+        _mm512_storeu_ps(workspace.scores + g * plan.padded_block_size + t, _mm512_mul_ps(scores, scale));
+      }
+    }
+    return t;
+  }
+};
+
+template <bool kAmx>
+struct Avx512Isa {
+  // scores[g][t] = score_scale * q_g . k_t for the attended tokens t of one block.
+  // bf16 x bf16 uses vdpbf16ps on the cache rows; fp32 uses the cache rows as they are; other
+  // caches (fp16, fp8) are first widened into workspace.block, once for all heads of the group.
+  template <typename Q, typename KV>
+  static void score_block(const QueryGroup<Q>& queries, const BlockRows<KV>& keys,
+                          float score_scale, const AttentionPlan& plan,
+                          const Workspace& workspace, PrefetchStream& stream) {
+    const NextRows next = next_rows(keys);
+    if constexpr (std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>) {
+      const int32_t rest = kAmx && AmxScores::applicable(plan)
+                               ? AmxScores::score_groups(queries, keys, score_scale, plan, workspace, stream)
+                               : keys.begin;
+      ScoreRows<Bf16Dot>::run(Bf16Dot{queries.raw, queries.raw_head_stride}, keys.rows,
+                              keys.token_stride, rest, keys.end, queries.group_size,
+                              score_scale, next, stream, plan, workspace.scores);
+    } else {
+      const Fp32Dot dot{queries.converted, plan.padded_head_size};
+      if constexpr (std::is_same_v<KV, float>) {
+        ScoreRows<Fp32Dot>::run(dot, keys.rows, keys.token_stride, keys.begin, keys.end,
+                                queries.group_size, score_scale, next, stream, plan,
+                                workspace.scores);
+      } else {
+        for (int32_t t = keys.begin; t < keys.end; ++t) {
+          next.prefetch(t);
+          stream.step();
+          const KV* key = keys.rows + t * keys.token_stride;
+          float* widened = workspace.block + t * plan.padded_head_size;
+          for (int64_t d = 0; d < plan.head_size; d += 16) {
+            _mm512_store_ps(widened + d, load_floats(key + d, first_lanes16(plan.head_size - d)));
+          }
+        }
+        ScoreRows<Fp32Dot>::run(dot, workspace.block, plan.padded_head_size, keys.begin,
+                                keys.end, queries.group_size, score_scale, NextRows{}, stream,
+                                plan, workspace.scores);
       }
     }
   }
@@ -173,73 +575,90 @@ struct Avx512Isa {
     return state;
   }
 
-  // accumulators[g] += sum_t probabilities[g * probability_stride + t] * v_t over the attended
-  // tokens of one block; accumulators: [group_size, row_length].
+  // accumulators[g] += sum_t p[g][t] * v_t over the attended tokens of one block, with the
+  // weights p in workspace.scores; accumulators: [group_size, padded_head_size]. Heads go in
+  // tiles of up to kMaxHeads; the first tile prefetches the next block. bf16 caches use
+  // Bf16PairTile on bf16 weights (written to workspace.block), the others AccumulateTile.
   template <typename KV>
-  static void accumulate_block(const float* probabilities, int64_t probability_stride,
-                               const BlockRows<KV>& values, int32_t head_size,
-                               int32_t group_size, float* accumulators, int64_t row_length,
-                               float* /*row*/) {
-    // Tiles of up to kTileHeads heads; tile_kernels<KV>[n - 1] handles a tile of n heads.
-    for (int32_t g = 0; g < group_size; g += kTileHeads) {
-      const int32_t tile_heads = std::min(group_size - g, kTileHeads);
-      tile_kernels<KV>[tile_heads - 1](probabilities + g * probability_stride, probability_stride,
-                                       values, head_size, accumulators + g * row_length,
-                                       row_length, /*prefetch=*/g == 0);
-    }
-  }
-
-  // Query heads whose accumulators a tile keeps in registers: 8 heads x 2 vectors = 16 of the
-  // 32 zmm registers, plus 2 for the V chunk and 1 for the broadcast weight.
-  static constexpr int32_t kTileHeads = 8;
-
-  // Register tile of the value accumulation: for kHeads query heads and 32 output columns at a
-  // time, the accumulators stay in registers while the block's V rows stream past; each V
-  // chunk is loaded and widened once and feeds kHeads fused multiply-adds.
-  template <int kHeads, typename KV>
-  static void accumulate_tile(const float* probabilities, int64_t probability_stride,
-                              const BlockRows<KV>& values, int32_t head_size,
-                              float* accumulators, int64_t row_length, bool prefetch) {
-    for (int64_t column = 0; column < head_size; column += 32) {
-      const __mmask16 low = first_lanes16(head_size - column);
-      const __mmask16 high = first_lanes16(head_size - column - 16);
-      __m512 sums[kHeads][2];
-      for (int g = 0; g < kHeads; ++g) {
-        sums[g][0] = _mm512_maskz_loadu_ps(low, accumulators + g * row_length + column);
-        sums[g][1] = _mm512_maskz_loadu_ps(high, accumulators + g * row_length + column + 16);
-      }
-      for (int32_t t = values.begin; t < values.end; ++t) {
-        if (prefetch && column == 0) prefetch_row(values, t, head_size);
-        const KV* value = values.rows + t * values.token_stride + column;
-        const __m512 value_low = load_floats(value, low);
-        const __m512 value_high = load_floats(value + 16, high);
-        for (int g = 0; g < kHeads; ++g) {
-          const __m512 weight = _mm512_set1_ps(probabilities[g * probability_stride + t]);
-          sums[g][0] = _mm512_fmadd_ps(weight, value_low, sums[g][0]);
-          sums[g][1] = _mm512_fmadd_ps(weight, value_high, sums[g][1]);
+  static void accumulate_block(const BlockRows<KV>& values, int32_t group_size,
+                               float* accumulators, const AttentionPlan& plan,
+                               const Workspace& workspace, PrefetchStream& stream) {
+    if constexpr (std::is_same_v<KV, BFloat16>) {
+      BFloat16* weights = reinterpret_cast<BFloat16*>(workspace.block);
+      for (int32_t g = 0; g < group_size; ++g) {
+        const float* row = workspace.scores + g * plan.padded_block_size;
+        for (int32_t t = 0; t < values.end; t += 16) {
+          const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + t));
+          std::memcpy(weights + g * plan.padded_block_size + t, &rounded, sizeof(rounded));
         }
       }
-      for (int g = 0; g < kHeads; ++g) {
-        _mm512_mask_storeu_ps(accumulators + g * row_length + column, low, sums[g][0]);
-        _mm512_mask_storeu_ps(accumulators + g * row_length + column + 16, high, sums[g][1]);
+      for (int32_t g = 0; g < group_size; g += Bf16PairTile::kMaxHeads) {
+        const int32_t tile_heads = std::min<int32_t>(group_size - g, Bf16PairTile::kMaxHeads);
+        const int columns = 32 * Bf16PairTile::chunks_for(tile_heads);
+        Bf16PairTile::Table::pick(tile_heads, plan.head_size % columns == 0)(
+            values, weights + g * plan.padded_block_size, accumulators + g * plan.padded_head_size,
+            g == 0 ? next_rows(values) : NextRows{}, g == 0 ? &stream : nullptr, plan);
+      }
+    } else {
+      constexpr int kMaxHeads = AccumulateTile<KV>::kMaxHeads;
+      for (int32_t g = 0; g < group_size; g += kMaxHeads) {
+        const int32_t tile_heads = std::min<int32_t>(group_size - g, kMaxHeads);
+        const int columns = 16 * AccumulateTile<KV>::vectors_for(tile_heads);
+        AccumulateTile<KV>::Table::pick(tile_heads, plan.head_size % columns == 0)(
+            values, workspace.scores + g * plan.padded_block_size,
+            accumulators + g * plan.padded_head_size, g == 0 ? next_rows(values) : NextRows{},
+            g == 0 ? &stream : nullptr, plan);
       }
     }
   }
 
-  template <typename KV, int... kHeadsMinusOne>
-  static constexpr auto make_tile_kernels(std::integer_sequence<int, kHeadsMinusOne...>) {
-    return std::array{&accumulate_tile<kHeadsMinusOne + 1, KV>...};
+  // With AMX, each item configures the tiles and packs its queries; the tiles are released
+  // at the end, so no tile state outlives the item.
+  template <typename Q, typename KV>
+  static void begin_item(const PagedAttentionParams& params, const AttentionPlan& plan,
+                         const WorkItem& item, const Workspace& workspace) {
+    if constexpr (kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>) {
+      if (!AmxScores::applicable(plan)) return;
+      AmxScores::configure(plan.group_size);
+      const BFloat16* query = static_cast<const BFloat16*>(params.query) +
+                              item.seq * params.query_seq_stride +
+                              int64_t{item.first_kv_head} * plan.group_size * params.query_head_stride;
+      AmxScores::pack_queries(query, params.query_head_stride,
+                              std::min(item.end_kv_head, params.num_kv_heads) - item.first_kv_head,
+                              plan.group_size, plan.head_size,
+                              reinterpret_cast<uint32_t*>(workspace.packed));
+    }
   }
+  static void end_item() {
+    if constexpr (kAmx) _tile_release();
+  }
+
+  // Prefetch steps the kernels take per head and block: one per (query head, token) while
+  // scoring on AVX-512, one per token with AMX scores, one per token while accumulating.
+  template <typename Q, typename KV>
+  static int64_t prefetch_steps(int32_t group_size, int32_t tokens, const AttentionPlan& plan) {
+    const bool amx_scores = kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16> &&
+                            AmxScores::applicable(plan);
+    return int64_t{amx_scores ? 2 : group_size + 1} * tokens;
+  }
+
+  // Natural column order for the output: only the bf16 pair accumulation permutes columns.
   template <typename KV>
-  static constexpr auto tile_kernels = make_tile_kernels<KV>(std::make_integer_sequence<int, kTileHeads>{});
+  static void finish_accumulators(float* accumulators, int32_t rows, const AttentionPlan& plan) {
+    if constexpr (std::is_same_v<KV, BFloat16>) {
+      Bf16PairTile::restore_column_order(accumulators, rows, plan);
+    }
+  }
 };
 
 }  // namespace
 
-ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache) {
-  return select_item_kernel<Avx512Isa>(query, cache);
+ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache, bool use_amx) {
+  return use_amx ? select_item_kernel<Avx512Isa<true>>(query, cache)
+                 : select_item_kernel<Avx512Isa<false>>(query, cache);
 }
 
 }  // namespace paged_attn::cpu
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options

@@ -1,7 +1,7 @@
 // The algorithm of one paged_attention work item, written once over an instruction-set policy.
 //
-// `Isa` supplies the three inner loops that decide the speed: score_block (q . k for a GQA
-// group and one block of K rows), softmax_block (exp and sum of one row of scores) and
+// `Isa` supplies the three inner loops that decide the speed: score_block (scale * q . k for
+// a GQA group and one block of K rows), softmax_block (exp and sum of one row of scores) and
 // accumulate_block (acc += p * v for a group and one block of V rows). Everything else, which
 // runs once per block rather than once per element, lives here: block iteration with the
 // sliding window, scale / soft-cap / ALiBi, the online-softmax merge, the output write.
@@ -22,16 +22,15 @@
 namespace paged_attn::cpu {
 namespace {
 
-// Applies scale, soft-cap and ALiBi to the raw q . k products of one block, in place.
+// Applies soft-cap and ALiBi to one block's scaled scores, in place.
 // scores: [group_size, padded_block_size]; only columns [begin, end) hold data.
 template <typename KV>
 void transform_scores(const PagedAttentionParams& params, const AttentionPlan& plan,
                       const AttendedRange& range, int64_t block_start, int32_t first_query_head,
-                      const BlockRows<KV>& keys, float score_scale, float* scores) {
+                      const BlockRows<KV>& keys, float* scores) {
   const float cap = params.logits_soft_cap;
   for (int32_t g = 0; g < plan.group_size; ++g) {
     float* row = scores + g * plan.padded_block_size;
-    for (int32_t t = keys.begin; t < keys.end; ++t) row[t] *= score_scale;
     if (cap > 0.0f) {
       for (int32_t t = keys.begin; t < keys.end; ++t) row[t] = cap * std::tanh(row[t] / cap);
     }
@@ -74,6 +73,8 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
     workspace.states[h] = SoftmaxState{};
   }
 
+  Isa::template begin_item<Q, KV>(params, plan, item, workspace);
+
   // fp8 caches hold value / scale: the key scale folds into the score scale, the value scale
   // into the final output factor.
   const float score_scale = params.scale * (params.k_scale ? *params.k_scale : 1.0f);
@@ -89,25 +90,41 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
     const int32_t begin = static_cast<int32_t>(std::max<int64_t>(range.first_token - block_start, 0));
     const int32_t end = static_cast<int32_t>(std::min<int64_t>(range.seq_len - block_start, block_size));
 
+    // When the item's heads of a block form one contiguous range (dense NHD, all heads), each
+    // head's turn prefetches one slice of the next block's range through a PrefetchStream fed
+    // by the kernels' inner loops; otherwise the kernels prefetch the next block row by row.
+    const int32_t item_heads = item.end_kv_head - item.first_kv_head;
+    const ByteRange next_keys = next_block_range(key_cache, params.key_layout, next_physical,
+                                                 item_heads, params.num_kv_heads);
+    const ByteRange next_values = next_block_range(value_cache, params.value_layout,
+                                                   next_physical, item_heads, params.num_kv_heads);
+
     for (int32_t kv_head = item.first_kv_head; kv_head < item.end_kv_head; ++kv_head) {
       const int32_t local_head = (kv_head - item.first_kv_head) * group_size;
-      const auto rows_of = [&](const KV* cache, const CacheLayout& layout) {
+      const int32_t slice = kv_head - item.first_kv_head;
+      PrefetchStream stream(next_keys.slice(slice, item_heads), next_values.slice(slice, item_heads),
+                            Isa::template prefetch_steps<Q, KV>(group_size, end - begin, plan));
+      const auto rows_of = [&](const KV* cache, const CacheLayout& layout,
+                               const ByteRange& sequential) {
+        const bool row_prefetch = next_physical >= 0 && !sequential.first;
         return BlockRows<KV>{
             cache + layout.offset(physical, 0, kv_head),
-            next_physical >= 0 ? cache + layout.offset(next_physical, 0, kv_head) : nullptr,
+            row_prefetch ? cache + layout.offset(next_physical, 0, kv_head) : nullptr,
             layout.token_stride, begin, end};
       };
-      const BlockRows<KV> keys = rows_of(key_cache, params.key_layout);
-      const BlockRows<KV> values = rows_of(value_cache, params.value_layout);
+      const BlockRows<KV> keys = rows_of(key_cache, params.key_layout, next_keys);
+      const BlockRows<KV> values = rows_of(value_cache, params.value_layout, next_values);
       const QueryGroup<Q> group{query + (first_query_head + local_head) * params.query_head_stride,
                                 params.query_head_stride,
-                                workspace.queries + local_head * row_length, group_size};
+                                workspace.queries + local_head * row_length, group_size,
+                                kv_head - item.first_kv_head};
       float* accumulators = workspace.accumulators + local_head * row_length;
 
-      Isa::score_block(group, keys, head_size, row_length, plan.padded_block_size,
-                       workspace.scores, workspace.row);
-      transform_scores(params, plan, range, block_start, first_query_head + local_head, keys,
-                       score_scale, workspace.scores);
+      Isa::score_block(group, keys, score_scale, plan, workspace, stream);
+      if (params.logits_soft_cap > 0.0f || params.alibi_slopes != nullptr) {
+        transform_scores(params, plan, range, block_start, first_query_head + local_head, keys,
+                         workspace.scores);
+      }
       // Online softmax: fold this block's scores into each head's running state, rescale the
       // accumulator onto the new maximum, and turn the scores into weights on that maximum.
       for (int32_t g = 0; g < group_size; ++g) {
@@ -122,13 +139,15 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
           for (int32_t t = begin; t < end; ++t) probabilities[t] *= rescale.other;
         }
       }
-      Isa::accumulate_block(workspace.scores, plan.padded_block_size, values, head_size,
-                            group_size, accumulators, row_length, workspace.row);
+      Isa::accumulate_block(values, group_size, accumulators, plan, workspace, stream);
+      stream.finish();
     }
   }
 
   // Finish: the output row itself when the sequence has one partition, else a partial result
-  // for the combine step.
+  // for the combine step. The policy first puts its accumulators in natural column order.
+  Isa::end_item();
+  Isa::template finish_accumulators<KV>(workspace.accumulators, num_query_heads, plan);
   for (int32_t h = 0; h < num_query_heads; ++h) {
     const float* accumulator = workspace.accumulators + h * row_length;
     const SoftmaxState& state = workspace.states[h];

@@ -23,15 +23,19 @@ struct PortableIsa {
     for (int64_t d = head_size; d < row_length; ++d) row[d] = 0.0f;
   }
 
-  // scores[g * score_stride + t] = q_g . k_t for the attended tokens t of one block.
+  // scores[g][t] = score_scale * q_g . k_t for the attended tokens t of one block.
   template <typename Q, typename KV>
   static void score_block(const QueryGroup<Q>& queries, const BlockRows<KV>& keys,
-                          int32_t head_size, int64_t row_length, int64_t score_stride,
-                          float* scores, float* row) {
+                          float score_scale, const AttentionPlan& plan,
+                          const Workspace& workspace, PrefetchStream& stream) {
+    const int64_t row_length = plan.padded_head_size;
+    float* row = workspace.block;
+    const NextRows next = next_rows(keys);
     for (int32_t t = keys.begin; t < keys.end; ++t) {
-      if (keys.next_rows) prefetch_bytes(keys.next_rows + t * keys.token_stride, head_size * sizeof(KV));
-      convert_row(keys.rows + t * keys.token_stride, head_size, row_length, row);
+      next.prefetch(t);
+      convert_row(keys.rows + t * keys.token_stride, plan.head_size, row_length, row);
       for (int32_t g = 0; g < queries.group_size; ++g) {
+        stream.step();
         const float* query = queries.converted + g * row_length;
         float lanes[kLanes] = {};
         for (int64_t d = 0; d < row_length; d += kLanes) {
@@ -39,7 +43,7 @@ struct PortableIsa {
         }
         float dot = 0.0f;
         for (float lane : lanes) dot += lane;
-        scores[g * score_stride + t] = dot;
+        workspace.scores[g * plan.padded_block_size + t] = dot * score_scale;
       }
     }
   }
@@ -55,18 +59,36 @@ struct PortableIsa {
     return state;
   }
 
-  // accumulators[g] += sum_t probabilities[g * probability_stride + t] * v_t over the attended
-  // tokens of one block. accumulators: [group_size, row_length].
+  // No per-item state; prefetch steps: one per (query head, token) while scoring, one per token
+  // while accumulating.
+  template <typename Q, typename KV>
+  static void begin_item(const PagedAttentionParams&, const AttentionPlan&, const WorkItem&,
+                         const Workspace&) {}
+  static void end_item() {}
+  template <typename Q, typename KV>
+  static int64_t prefetch_steps(int32_t group_size, int32_t tokens, const AttentionPlan&) {
+    return int64_t{group_size + 1} * tokens;
+  }
+
+  // The accumulators are in natural column order already.
   template <typename KV>
-  static void accumulate_block(const float* probabilities, int64_t probability_stride,
-                               const BlockRows<KV>& values, int32_t head_size,
-                               int32_t group_size, float* accumulators, int64_t row_length,
-                               float* row) {
+  static void finish_accumulators(float*, int32_t, const AttentionPlan&) {}
+
+  // accumulators[g] += sum_t p[g][t] * v_t over the attended tokens of one block, with the
+  // weights p in workspace.scores. accumulators: [group_size, padded_head_size].
+  template <typename KV>
+  static void accumulate_block(const BlockRows<KV>& values, int32_t group_size,
+                               float* accumulators, const AttentionPlan& plan,
+                               const Workspace& workspace, PrefetchStream& stream) {
+    const int64_t row_length = plan.padded_head_size;
+    float* row = workspace.block;
+    const NextRows next = next_rows(values);
     for (int32_t t = values.begin; t < values.end; ++t) {
-      if (values.next_rows) prefetch_bytes(values.next_rows + t * values.token_stride, head_size * sizeof(KV));
-      convert_row(values.rows + t * values.token_stride, head_size, row_length, row);
+      next.prefetch(t);
+      stream.step();
+      convert_row(values.rows + t * values.token_stride, plan.head_size, row_length, row);
       for (int32_t g = 0; g < group_size; ++g) {
-        const float weight = probabilities[g * probability_stride + t];
+        const float weight = workspace.scores[g * plan.padded_block_size + t];
         float* accumulator = accumulators + g * row_length;
         for (int64_t d = 0; d < row_length; ++d) accumulator[d] += weight * row[d];
       }
