@@ -152,7 +152,7 @@ def cache_section(data: dict) -> list[str]:
         f"next to a torch `copy_` of the same bytes in the same run "
         f"(read bandwidth in that run: {data['bandwidth']['best_gbps']:.1f} GB/s).",
         "",
-        *[f"- {line}" for line in data["done_criteria"]],
+        *[f"- {line}" for line in done_criteria(data["results"])],
         "",
         common.markdown_table(headers, rows),
         "",

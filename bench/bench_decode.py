@@ -221,6 +221,11 @@ def serve_vllm() -> None:
     os.dup2(2, 1)  # anything vLLM prints goes to stderr, never into the replies
     import vllm._C  # noqa: F401  registers torch.ops._C.*
 
+    # vLLM's platform setup asks Linux for the AMX tile state; without it its AMX kernel dies
+    # with an illegal instruction. We skip that setup, so ask here.
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
+
     state = {}
     for line in sys.stdin:
         request = json.loads(line)
@@ -384,7 +389,8 @@ def done_criteria(results: list[dict]) -> list[str]:
     """Issue #6's acceptance checks, evaluated on this run's numbers."""
     lines = []
     headline = [r for r in results if all(r["case"][k] == v for k, v in HEADLINE.items())
-                and r["case"]["context"] in (2048, 8192)]
+                and r["case"]["context"] in (2048, 8192)
+                and r["case"]["dtype"] in ("bfloat16", "float32")]
     for dtype, target in (("bfloat16", 90), ("float32", 85)):
         shares = [r["percent_of_bandwidth"]["ours"] for r in headline if r["case"]["dtype"] == dtype]
         if shares:
@@ -453,9 +459,10 @@ def decode_section(data: dict) -> list[str]:
         f"how many times faster ours is than the method on its left (median times, "
         f"{data['repeats']} repeats, cold caches).",
         "",
-        "Acceptance checks of issue #6 on these numbers:",
+        "Acceptance checks of issue #6 on these numbers (16 seqs, 32/8 heads, head 128, "
+        "contexts 2048 and 8192, bf16 and fp32):",
         "",
-        *[f"- {line}" for line in data["done_criteria"]],
+        *[f"- {line}" for line in done_criteria(data["results"])],
         "",
         (f"vLLM: {vllm}" if vllm else "vLLM: not compared in this run (use `--compare-vllm PYTHON`)."),
         "",

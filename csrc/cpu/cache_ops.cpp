@@ -168,21 +168,23 @@ void run_write_kv(const WriteKVParams& params) {
   const int64_t block_size = params.key_layout.block_size;
   const int64_t heads = params.key_layout.num_kv_heads;
   const int64_t row_bytes = params.key_layout.head_size * bytes_per_element;
+  // All keys, then all values: consecutive tokens of one block then continue each other in
+  // both the input and the cache, and merge into one run per block.
   CopyList& copies = thread_copy_list();
-  for (int64_t token = 0; token < params.num_tokens; ++token) {
-    const int64_t slot = params.slot_mapping[token];
-    if (slot < 0) continue;
-    for (int64_t head = 0; head < heads; ++head) {
-      copies.add(static_cast<const char*>(params.key) +
-                     (token * params.key_token_stride + head * params.key_head_stride) * bytes_per_element,
-                 static_cast<char*>(params.key_cache) +
-                     params.key_layout.offset(slot / block_size, slot % block_size, head) * bytes_per_element,
-                 row_bytes);
-      copies.add(static_cast<const char*>(params.value) +
-                     (token * params.value_token_stride + head * params.value_head_stride) * bytes_per_element,
-                 static_cast<char*>(params.value_cache) +
-                     params.value_layout.offset(slot / block_size, slot % block_size, head) * bytes_per_element,
-                 row_bytes);
+  for (const auto& [input, token_stride, head_stride, cache, layout] :
+       {std::tuple(params.key, params.key_token_stride, params.key_head_stride, params.key_cache,
+                   &params.key_layout),
+        std::tuple(params.value, params.value_token_stride, params.value_head_stride,
+                   params.value_cache, &params.value_layout)}) {
+    for (int64_t token = 0; token < params.num_tokens; ++token) {
+      const int64_t slot = params.slot_mapping[token];
+      if (slot < 0) continue;
+      for (int64_t head = 0; head < heads; ++head) {
+        copies.add(static_cast<const char*>(input) + (token * token_stride + head * head_stride) * bytes_per_element,
+                   static_cast<char*>(cache) +
+                       layout->offset(slot / block_size, slot % block_size, head) * bytes_per_element,
+                   row_bytes);
+      }
     }
   }
   copies.run();
