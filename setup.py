@@ -18,7 +18,13 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported; /usr/local/bin/nvcc is a wrapper,
+# so without this the toolkit's include and library paths are not found.
+if os.path.isdir("/usr/local/cuda"):
+    os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -56,7 +62,6 @@ COMMON_SOURCES = ["torch_bindings.cpp", "core/*.cpp"]
 
 def library_extension():
     if cuda_available():
-        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return cpp_extension.CUDAExtension(
             "paged_attn._C",
