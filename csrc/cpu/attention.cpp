@@ -109,7 +109,7 @@ Workspace thread_workspace(const AttentionPlan& plan) {
 void combine_partitions(const PagedAttentionParams& params, const AttentionPlan& plan) {
   const float value_scale = params.v_scale ? *params.v_scale : 1.0f;
   const int64_t rows = int64_t{params.num_seqs} * params.num_heads;
-  dispatch_query_dtype(params.query_dtype, [&](auto query_tag) {
+  with_value_type<CpuElementTypes>(params.query_dtype, [&](auto query_tag) {
     using Q = typename decltype(query_tag)::type;
     at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {

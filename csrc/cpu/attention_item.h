@@ -168,7 +168,7 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
 // The item kernel of `Isa` for a (query, cache) dtype pair.
 template <class Isa>
 ItemKernel select_item_kernel(ScalarKind query, ScalarKind cache) {
-  return dispatch_query_and_cache_dtypes(query, cache, [](auto query_tag, auto cache_tag) {
+  return with_value_and_cache_types<CpuElementTypes>(query, cache, [](auto query_tag, auto cache_tag) {
     using Q = typename decltype(query_tag)::type;
     using KV = typename decltype(cache_tag)::type;
     return static_cast<ItemKernel>(&attend_work_item<Isa, Q, KV>);

@@ -159,7 +159,7 @@ void quantize_tokens(const WriteKVParams& params) {
 
 void run_write_kv(const WriteKVParams& params) {
   if (params.key_layout.dtype == ScalarKind::kFloat8E4M3) {
-    dispatch_query_dtype(params.input_dtype, [&](auto input_tag) {
+    with_value_type<CpuElementTypes>(params.input_dtype, [&](auto input_tag) {
       quantize_tokens<typename decltype(input_tag)::type>(params);
     });
     return;

@@ -37,7 +37,7 @@ std::string write_kv_unsupported(const WriteKVParams& params) {
 void launch_write_kv(const WriteKVParams& params, cudaStream_t stream) {
   if (params.num_tokens == 0) return;
   using WriteKernel = void (*)(WriteKVParams);
-  const WriteKernel kernel = with_value_and_cache_types(
+  const WriteKernel kernel = with_value_and_cache_types<CudaElementTypes>(
       params.input_dtype, params.key_layout.dtype, [](auto input_tag, auto cache_tag) -> WriteKernel {
         return &kernels::write_kv_kernel<typename decltype(input_tag)::type,
                                          typename decltype(cache_tag)::type>;

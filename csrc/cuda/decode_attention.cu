@@ -22,7 +22,7 @@ using DecodeHeadSizes = IntSet<64, 80, 96, 112, 128, 192, 256>;
 using DecodeKernel = void (*)(DecodeKernelParams);
 
 DecodeKernel select_decode_kernel(const PagedAttentionParams& params) {
-  return with_value_and_cache_types(
+  return with_value_and_cache_types<CudaElementTypes>(
       params.query_dtype, params.key_layout.dtype, [&](auto query_tag, auto cache_tag) {
         using scalar_t = typename decltype(query_tag)::type;
         using cache_t = typename decltype(cache_tag)::type;
@@ -33,7 +33,7 @@ DecodeKernel select_decode_kernel(const PagedAttentionParams& params) {
 }
 
 DecodeKernel select_reduce_kernel(const PagedAttentionParams& params) {
-  return with_value_type(params.query_dtype, [](auto query_tag) -> DecodeKernel {
+  return with_value_type<CudaElementTypes>(params.query_dtype, [](auto query_tag) -> DecodeKernel {
     return &kernels::paged_decode_reduce_kernel<typename decltype(query_tag)::type>;
   });
 }
