@@ -133,9 +133,11 @@ AMX_GRID = pairwise({
 
 
 @pytest.mark.parametrize("params", AMX_GRID, ids=case_id)
-def test_bf16_scores_on_every_tile_shape(params, monkeypatch):
+def test_bf16_on_every_tile_shape(params, monkeypatch):
     """bf16 attention with each variant on shapes where AMX tiles apply (head sizes multiple of
-    32, up to 16 heads per group): whole groups of 16 tokens on tiles, remainders on AVX-512."""
+    32): scores for up to 16 heads per group (whole groups of 16 tokens on tiles, remainders on
+    AVX-512), value sums for up to 8 (partial groups of tokens zero-padded, wider groups on
+    AVX-512), head sizes past 128 in several passes of value tiles."""
     num_heads, num_kv_heads = params["heads"]
     case = make_decode_case(seq_lens=[1, 15, 16, 17, 200, 333], num_heads=num_heads,
                             num_kv_heads=num_kv_heads, head_size=params["head_size"],

@@ -1,9 +1,10 @@
 // The AVX-512 work-item kernel of paged_attention (F/BW/VL/BF16: Sapphire Rapids, Zen 4).
 //
 // Only this file is compiled for AVX-512 (and AMX), through a target pragma; isa.cpp decides at
-// run time whether it may be called, and whether its AMX path may run. Every header is included *before* the pragma so that the inline
-// functions they define stay baseline code; the algorithm (attention_item.h) is included after
-// it and keeps internal linkage, so only this file's copy ever runs with AVX-512.
+// run time whether it may be called, and whether its AMX path may run. Every header is
+// included *before* the pragma so that the inline functions they define stay baseline code;
+// the algorithm (attention_item.h) and the AMX inner loops (attention_amx.h) are included
+// after it and keep internal linkage, so only this file's copy ever runs with AVX-512.
 //
 // Vector arithmetic: a __m512 holds 16 fp32 lanes, so a head_size row is processed in chunks
 // of 16 elements, the last chunk masked (any head_size works; lanes past head_size are never
@@ -426,93 +427,13 @@ struct Bf16PairTile {
   }
 };
 
-// bf16 scores on AMX: one TDPBF16PS multiplies a 16 x 32 tile of K (16 tokens, 32 dims, loaded
-// straight from the cache with the token stride) by a 32 x G tile of the group's queries and
-// adds into a 16 x G fp32 tile of scores, so 16 tokens x G heads cost head_size / 32 tile
-// instructions instead of 16 * G AVX-512 dot products. The query tile must be in the "VNNI"
-// layout: row r holds, for each head n, the pair (q_n[2r], q_n[2r + 1]); begin_item packs it
-// once per item into workspace.packed, [item KV head][dim chunk][16 rows][G pairs]. Tiles:
-// tmm0 scores, tmm1 keys, tmm2 queries (configured per item by configure()).
-struct AmxScores {
-  static bool applicable(const AttentionPlan& plan) {
-    return plan.head_size % 32 == 0 && plan.group_size <= 16;
-  }
+}  // namespace
+}  // namespace paged_attn::cpu
 
-  struct alignas(64) TileConfig {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t bytes_per_row[16] = {};
-    uint8_t rows[16] = {};
-  };
+#include "cpu/attention_amx.h"
 
-  static void configure(int32_t group_size) {
-    TileConfig config;
-    config.rows[0] = config.rows[1] = config.rows[2] = 16;
-    config.bytes_per_row[0] = static_cast<uint16_t>(4 * group_size);  // fp32 score per head
-    config.bytes_per_row[1] = 64;                                      // 32 bf16 of a K row
-    config.bytes_per_row[2] = static_cast<uint16_t>(4 * group_size);   // bf16 pair per head
-    _tile_loadconfig(&config);
-  }
-
-  static void pack_queries(const BFloat16* query, int64_t head_stride, int32_t heads,
-                           int32_t group_size, int32_t head_size, uint32_t* packed) {
-    const int32_t chunks = head_size / 32;
-    for (int32_t kv = 0; kv < heads; ++kv) {
-      for (int32_t c = 0; c < chunks; ++c) {
-        for (int32_t r = 0; r < 16; ++r) {
-          for (int32_t n = 0; n < group_size; ++n) {
-            const BFloat16* pair = query + (kv * group_size + n) * head_stride + 32 * c + 2 * r;
-            uint32_t word;
-            std::memcpy(&word, pair, sizeof(word));
-            packed[((kv * chunks + c) * 16 + r) * group_size + n] = word;
-          }
-        }
-      }
-    }
-    // The tile loads are inline assembly that the compiler does not know reads `packed`.
-    asm volatile("" ::: "memory");
-  }
-
-  // Scores of the whole groups of 16 tokens in [keys.begin, keys.end); returns where the
-  // remainder (fewer than 16 tokens) starts.
-  static int32_t score_groups(const QueryGroup<BFloat16>& queries, const BlockRows<BFloat16>& keys,
-                              float score_scale, const AttentionPlan& plan,
-                              const Workspace& workspace, PrefetchStream& stream) {
-    const int32_t group_size = queries.group_size;
-    const int32_t chunks = plan.head_size / 32;
-    const uint32_t* packed = reinterpret_cast<const uint32_t*>(workspace.packed) +
-                             int64_t{queries.index} * chunks * 16 * group_size;
-    const int64_t row_bytes = keys.token_stride * static_cast<int64_t>(sizeof(BFloat16));
-    const NextRows next = next_rows(keys);
-    const __m512 scale = _mm512_set1_ps(score_scale);
-    // The score tile is stored as [16 tokens][group_size]: head g's 16 scores are elements
-    // g, g + group_size, g + 2 * group_size, ... of the image.
-    const __m512i token_offsets = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(group_size));
-    alignas(64) float tile[16 * 16];
-    int32_t t = keys.begin;
-    for (; t + 16 <= keys.end; t += 16) {
-      _tile_zero(0);
-      for (int32_t c = 0; c < chunks; ++c) {
-        _tile_loadd(1, keys.rows + t * keys.token_stride + 32 * c, row_bytes);
-        _tile_loadd(2, packed + c * 16 * group_size, 4 * group_size);
-        _tile_dpbf16ps(0, 1, 2);
-      }
-      _tile_stored(0, tile, 4 * group_size);
-      for (int32_t token = t; token < t + 16; ++token) {
-        next.prefetch(token);
-        stream.step();
-      }
-      for (int32_t g = 0; g < group_size; ++g) {
-        const __m512 scores = _mm512_i32gather_ps(token_offsets, tile + g, 4);
-        _mm512_storeu_ps(workspace.scores + g * plan.padded_block_size + t, _mm512_mul_ps(scores, scale));
-      }
-    }
-    return t;
-  }
-};
+namespace paged_attn::cpu {
+namespace {
 
 template <bool kAmx>
 struct Avx512Isa {
@@ -575,14 +496,29 @@ struct Avx512Isa {
     return state;
   }
 
+  // Whether an item runs on AMX tiles (configured in begin_item): bf16 queries and cache.
+  template <typename Q, typename KV>
+  static constexpr bool kTiles = kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>;
+  template <typename Q, typename KV>
+  static bool amx_values(const AttentionPlan& plan) {
+    return kTiles<Q, KV> && AmxScores::applicable(plan) && AmxValues::applicable(plan);
+  }
+
   // accumulators[g] += sum_t p[g][t] * v_t over the attended tokens of one block, with the
-  // weights p in workspace.scores; accumulators: [group_size, padded_head_size]. Heads go in
-  // tiles of up to kMaxHeads; the first tile prefetches the next block. bf16 caches use
-  // Bf16PairTile on bf16 weights (written to workspace.block), the others AccumulateTile.
-  template <typename KV>
+  // weights p in workspace.scores; accumulators: [group_size, padded_head_size]. With AMX
+  // tiles, AmxValues; otherwise heads go in register tiles of up to kMaxHeads, the first of
+  // which prefetches the next block: Bf16PairTile on bf16 weights (written to
+  // workspace.block) for bf16 caches, AccumulateTile for the others.
+  template <typename Q, typename KV>
   static void accumulate_block(const BlockRows<KV>& values, int32_t group_size,
                                float* accumulators, const AttentionPlan& plan,
                                const Workspace& workspace, PrefetchStream& stream) {
+    if constexpr (kTiles<Q, KV>) {
+      if (amx_values<Q, KV>(plan)) {
+        AmxValues::accumulate(values, group_size, accumulators, plan, workspace, stream);
+        return;
+      }
+    }
     if constexpr (std::is_same_v<KV, BFloat16>) {
       BFloat16* weights = reinterpret_cast<BFloat16*>(workspace.block);
       for (int32_t g = 0; g < group_size; ++g) {
@@ -617,9 +553,9 @@ struct Avx512Isa {
   template <typename Q, typename KV>
   static void begin_item(const PagedAttentionParams& params, const AttentionPlan& plan,
                          const WorkItem& item, const Workspace& workspace) {
-    if constexpr (kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>) {
+    if constexpr (kTiles<Q, KV>) {
       if (!AmxScores::applicable(plan)) return;
-      AmxScores::configure(plan.group_size);
+      AmxTiles::configure(plan.group_size);
       const BFloat16* query = static_cast<const BFloat16*>(params.query) +
                               item.seq * params.query_seq_stride +
                               int64_t{item.first_kv_head} * plan.group_size * params.query_head_stride;
@@ -637,16 +573,15 @@ struct Avx512Isa {
   // scoring on AVX-512, one per token with AMX scores, one per token while accumulating.
   template <typename Q, typename KV>
   static int64_t prefetch_steps(int32_t group_size, int32_t tokens, const AttentionPlan& plan) {
-    const bool amx_scores = kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16> &&
-                            AmxScores::applicable(plan);
+    const bool amx_scores = kTiles<Q, KV> && AmxScores::applicable(plan);
     return int64_t{amx_scores ? 2 : group_size + 1} * tokens;
   }
 
   // Natural column order for the output: only the bf16 pair accumulation permutes columns.
-  template <typename KV>
+  template <typename Q, typename KV>
   static void finish_accumulators(float* accumulators, int32_t rows, const AttentionPlan& plan) {
     if constexpr (std::is_same_v<KV, BFloat16>) {
-      Bf16PairTile::restore_column_order(accumulators, rows, plan);
+      if (!amx_values<Q, KV>(plan)) Bf16PairTile::restore_column_order(accumulators, rows, plan);
     }
   }
 };

@@ -139,7 +139,7 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
           for (int32_t t = begin; t < end; ++t) probabilities[t] *= rescale.other;
         }
       }
-      Isa::accumulate_block(values, group_size, accumulators, plan, workspace, stream);
+      Isa::template accumulate_block<Q>(values, group_size, accumulators, plan, workspace, stream);
       stream.finish();
     }
   }
@@ -147,7 +147,7 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   // Finish: the output row itself when the sequence has one partition, else a partial result
   // for the combine step. The policy first puts its accumulators in natural column order.
   Isa::end_item();
-  Isa::template finish_accumulators<KV>(workspace.accumulators, num_query_heads, plan);
+  Isa::template finish_accumulators<Q, KV>(workspace.accumulators, num_query_heads, plan);
   for (int32_t h = 0; h < num_query_heads; ++h) {
     const float* accumulator = workspace.accumulators + h * row_length;
     const SoftmaxState& state = workspace.states[h];

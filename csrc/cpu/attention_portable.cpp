@@ -71,12 +71,12 @@ struct PortableIsa {
   }
 
   // The accumulators are in natural column order already.
-  template <typename KV>
+  template <typename Q, typename KV>
   static void finish_accumulators(float*, int32_t, const AttentionPlan&) {}
 
   // accumulators[g] += sum_t p[g][t] * v_t over the attended tokens of one block, with the
   // weights p in workspace.scores. accumulators: [group_size, padded_head_size].
-  template <typename KV>
+  template <typename Q, typename KV>
   static void accumulate_block(const BlockRows<KV>& values, int32_t group_size,
                                float* accumulators, const AttentionPlan& plan,
                                const Workspace& workspace, PrefetchStream& stream) {
