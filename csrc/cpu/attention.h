@@ -117,37 +117,54 @@ struct QueryGroup {
   int32_t index;             // position of this KV head among the work item's KV heads
 };
 
-// The K (or V) rows of one KV head inside one physical block.
-template <typename KV>
-struct BlockRows {
-  const KV* rows;       // [block_size, head_size], rows token_stride elements apart
-  const KV* next_rows;  // the same rows of the next block this item reads, or nullptr
-  int64_t token_stride;
-  int32_t begin;        // first attended token of the block
-  int32_t end;          // one past the last attended token of the block
+// A span: the rows [begin, end) of one physical block that an item processes in one go. Blocks
+// longer than kSpanTokens are processed a span at a time, so that the rows an item touches
+// between two visits of the same head (and prefetches ahead) stay as few as in a 32-token
+// block: a 128-token NHD block of 8 bf16 heads would otherwise spread each head's rows over 64
+// pages, more than the hardware prefetchers track.
+constexpr int32_t kSpanTokens = 32;
+
+struct Span {
+  int64_t block = -1;     // logical block; -1 once the item has no span left
+  int64_t physical = -1;  // its physical block
+  int32_t begin = 0;      // first row of the span within the block
+  int32_t end = 0;        // one past its last row
+  bool valid() const { return block >= 0; }
 };
 
-// The rows of the block an item reads next, to prefetch row t while row t of the current block
-// is processed: that spreads the prefetches evenly over the work. Only the first cache line of
-// a row is requested: it starts the page walk and the hardware stream for that row, which the
-// L2 streamer then completes without holding one of the core's few L1 miss buffers per line
-// (prefetching every line measured slower for fp32 rows).
+// The K (or V) rows of one KV head inside one span of a physical block.
+template <typename KV>
+struct BlockRows {
+  const KV* rows;       // [block_size, head_size] of the block, rows token_stride elements apart
+  const KV* next_rows;  // row `next.begin` of the span the item reads next (same head), or nullptr
+  int64_t token_stride;
+  int32_t begin;        // first attended row of the span
+  int32_t end;          // one past the last attended row of the span
+};
+
+// The rows of the span an item reads next, to prefetch the next span's row i while row
+// begin + i of the current span is processed: that spreads the prefetches evenly over the
+// work. Only the first cache line of a row is requested: it starts the page walk and the
+// hardware stream for that row, which the L2 streamer then completes without holding one of
+// the core's few L1 miss buffers per line (prefetching every line measured slower for fp32
+// rows).
 struct NextRows {
-  const char* first;  // row 0 of the next block, or nullptr when there is none
+  const char* first;  // first row of the next span, or nullptr when there is none
   int64_t stride;     // bytes from one row to the next
+  int32_t begin;      // first row of the current span
 
   void prefetch(int64_t token) const {
-    if (first) __builtin_prefetch(first + token * stride, /*rw=*/0, /*locality=*/2);
+    if (first) __builtin_prefetch(first + (token - begin) * stride, /*rw=*/0, /*locality=*/2);
   }
 };
 
 template <typename KV>
 NextRows next_rows(const BlockRows<KV>& block) {
   return {reinterpret_cast<const char*>(block.next_rows),
-          block.token_stride * static_cast<int64_t>(sizeof(KV))};
+          block.token_stride * static_cast<int64_t>(sizeof(KV)), block.begin};
 }
 
-// The next block's K (or V) rows of all of an item's heads, when they form one contiguous byte
+// The next span's K (or V) rows of all of an item's heads, when they form one contiguous byte
 // range (dense NHD, all heads of the item); empty otherwise.
 struct ByteRange {
   const char* first = nullptr;
@@ -162,11 +179,11 @@ struct ByteRange {
 };
 
 template <typename KV>
-ByteRange next_block_range(const KV* cache, const CacheLayout& layout, int64_t next_physical,
-                           int32_t item_heads, int32_t num_kv_heads) {
-  if (next_physical < 0 || item_heads != num_kv_heads || !layout.block_is_dense()) return {};
-  return {reinterpret_cast<const char*>(cache + layout.offset(next_physical, 0, 0)),
-          layout.block_size * layout.token_stride * static_cast<int64_t>(sizeof(KV))};
+ByteRange next_span_range(const KV* cache, const CacheLayout& layout, const Span& next,
+                          int32_t item_heads, int32_t num_kv_heads) {
+  if (!next.valid() || item_heads != num_kv_heads || !layout.block_is_dense()) return {};
+  return {reinterpret_cast<const char*>(cache + layout.offset(next.physical, next.begin, 0)),
+          (next.end - next.begin) * layout.token_stride * static_cast<int64_t>(sizeof(KV))};
 }
 
 // Prefetches up to two byte ranges a few cache lines at a time, in ascending order, as the

@@ -83,21 +83,37 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   const KV* value_cache = static_cast<const KV*>(params.value_cache);
   const int32_t* block_table = params.block_tables + item.seq * params.block_table_stride;
 
-  for (int64_t block = first_block; block < end_block; ++block) {
-    const int64_t physical = block_table[block];
-    const int64_t next_physical = block + 1 < end_block ? block_table[block + 1] : -1;
+  // The spans of the item's blocks in order; following(span) is the one after it.
+  const auto span_in = [&](int64_t block, int32_t from) {
+    if (block >= end_block) return Span{};
     const int64_t block_start = block * block_size;
-    const int32_t begin = static_cast<int32_t>(std::max<int64_t>(range.first_token - block_start, 0));
-    const int32_t end = static_cast<int32_t>(std::min<int64_t>(range.seq_len - block_start, block_size));
+    Span span;
+    span.block = block;
+    span.physical = block_table[block];
+    span.begin = std::max(from, static_cast<int32_t>(std::max<int64_t>(range.first_token - block_start, 0)));
+    const int64_t block_end = std::min<int64_t>(range.seq_len - block_start, block_size);
+    span.end = static_cast<int32_t>(std::min<int64_t>(block_end, (span.begin / kSpanTokens + 1) * kSpanTokens));
+    return span;
+  };
+  const auto following = [&](const Span& span) {
+    const int64_t block_end = std::min<int64_t>(range.seq_len - span.block * block_size, block_size);
+    return span.end < block_end ? span_in(span.block, span.end) : span_in(span.block + 1, 0);
+  };
 
-    // When the item's heads of a block form one contiguous range (dense NHD, all heads), each
-    // head's turn prefetches one slice of the next block's range through a PrefetchStream fed
-    // by the kernels' inner loops; otherwise the kernels prefetch the next block row by row.
+  for (Span span = span_in(first_block, 0); span.valid();) {
+    const Span next = following(span);
+    const int64_t block_start = span.block * block_size;
+    const int32_t begin = span.begin;
+    const int32_t end = span.end;
+
+    // When the item's heads of a span form one contiguous range (dense NHD, all heads), each
+    // head's turn prefetches one slice of the next span's range through a PrefetchStream fed
+    // by the kernels' inner loops; otherwise the kernels prefetch the next span row by row.
     const int32_t item_heads = item.end_kv_head - item.first_kv_head;
-    const ByteRange next_keys = next_block_range(key_cache, params.key_layout, next_physical,
-                                                 item_heads, params.num_kv_heads);
-    const ByteRange next_values = next_block_range(value_cache, params.value_layout,
-                                                   next_physical, item_heads, params.num_kv_heads);
+    const ByteRange next_keys = next_span_range(key_cache, params.key_layout, next, item_heads,
+                                                params.num_kv_heads);
+    const ByteRange next_values = next_span_range(value_cache, params.value_layout, next,
+                                                  item_heads, params.num_kv_heads);
 
     for (int32_t kv_head = item.first_kv_head; kv_head < item.end_kv_head; ++kv_head) {
       const int32_t local_head = (kv_head - item.first_kv_head) * group_size;
@@ -106,10 +122,10 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
                             Isa::template prefetch_steps<Q, KV>(group_size, end - begin, plan));
       const auto rows_of = [&](const KV* cache, const CacheLayout& layout,
                                const ByteRange& sequential) {
-        const bool row_prefetch = next_physical >= 0 && !sequential.first;
+        const bool row_prefetch = next.valid() && !sequential.first;
         return BlockRows<KV>{
-            cache + layout.offset(physical, 0, kv_head),
-            row_prefetch ? cache + layout.offset(next_physical, 0, kv_head) : nullptr,
+            cache + layout.offset(span.physical, 0, kv_head),
+            row_prefetch ? cache + layout.offset(next.physical, next.begin, kv_head) : nullptr,
             layout.token_stride, begin, end};
       };
       const BlockRows<KV> keys = rows_of(key_cache, params.key_layout, next_keys);
@@ -142,6 +158,7 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
       Isa::template accumulate_block<Q>(values, group_size, accumulators, plan, workspace, stream);
       stream.finish();
     }
+    span = next;
   }
 
   // Finish: the output row itself when the sequence has one partition, else a partial result
