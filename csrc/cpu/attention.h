@@ -164,29 +164,44 @@ NextRows next_rows(const BlockRows<KV>& block) {
           block.token_stride * static_cast<int64_t>(sizeof(KV)), block.begin};
 }
 
-// The next span's K (or V) rows of all of an item's heads, when they form one contiguous byte
-// range (dense NHD, all heads of the item); empty otherwise.
+// The bytes of the next span that an item reads from one cache: `runs` runs of `run_bytes`
+// bytes, `run_stride` apart. When the item's heads lie side by side in a token row (NHD), each
+// row of the span is one run; when the rows are dense as well and the item has every head, the
+// whole span is a single run. Empty when the heads are apart (HND): the kernels then prefetch
+// row by row (NextRows).
 struct ByteRange {
   const char* first = nullptr;
-  int64_t bytes = 0;
+  int64_t run_bytes = 0;
+  int64_t run_stride = 0;
+  int64_t runs = 0;
 
-  // The `slice`-th of `slices` equal parts, aligned to cache lines.
+  int64_t lines() const { return runs * ((run_bytes + 63) / 64); }
+  // The `index`-th of `slices` parts: whole runs when there are several, else equal byte
+  // ranges aligned to cache lines.
   ByteRange slice(int64_t index, int64_t slices) const {
     if (!first) return {};
-    const int64_t begin = bytes * index / slices / 64 * 64;
-    return {first + begin, bytes * (index + 1) / slices - begin};
+    if (runs > 1) {
+      const int64_t begin = runs * index / slices;
+      return {first + begin * run_stride, run_bytes, run_stride, runs * (index + 1) / slices - begin};
+    }
+    const int64_t begin = run_bytes * index / slices / 64 * 64;
+    return {first + begin, run_bytes * (index + 1) / slices - begin, 0, 1};
   }
 };
 
 template <typename KV>
 ByteRange next_span_range(const KV* cache, const CacheLayout& layout, const Span& next,
-                          int32_t item_heads, int32_t num_kv_heads) {
-  if (!next.valid() || item_heads != num_kv_heads || !layout.block_is_dense()) return {};
-  return {reinterpret_cast<const char*>(cache + layout.offset(next.physical, next.begin, 0)),
-          (next.end - next.begin) * layout.token_stride * static_cast<int64_t>(sizeof(KV))};
+                          int32_t first_head, int32_t item_heads) {
+  if (!next.valid() || layout.head_stride != layout.head_size) return {};
+  const int64_t element = sizeof(KV);
+  const int64_t rows = next.end - next.begin;
+  const int64_t run = int64_t{item_heads} * layout.head_size;
+  const char* first = reinterpret_cast<const char*>(cache + layout.offset(next.physical, next.begin, first_head));
+  if (run == layout.token_stride) return {first, rows * run * element, 0, 1};
+  return {first, run * element, layout.token_stride * element, rows};
 }
 
-// Prefetches up to two byte ranges a few cache lines at a time, in ascending order, as the
+// Prefetches the lines of up to two byte ranges a few at a time, in ascending order, as the
 // kernels call step() from their inner loops. A core can only wait on a handful of L1 misses at
 // once (its fill buffers); a burst of prefetches would stall the pipeline until they drain,
 // serialising memory and compute, whereas a steady trickle keeps both busy. The ascending
@@ -201,18 +216,22 @@ class PrefetchStream {
   PrefetchStream(ByteRange first, ByteRange second, int64_t expected_steps) {
     ranges_[0] = first;
     ranges_[1] = second;
-    const int64_t lines = (first.bytes + second.bytes + kPrefetchStride - 1) / kPrefetchStride;
+    const int64_t lines = first.lines() + second.lines();
     lines_per_step_ = expected_steps > 0 ? (lines + expected_steps - 1) / expected_steps : lines;
   }
 
   void step() {
     for (int64_t line = 0; line < lines_per_step_ && current_ < 2; ++line) {
       const ByteRange& range = ranges_[current_];
-      if (offset_ < range.bytes) {
-        __builtin_prefetch(range.first + offset_, /*rw=*/0, /*locality=*/3);
+      if (run_ < range.runs && offset_ < range.run_bytes) {
+        __builtin_prefetch(range.first + run_ * range.run_stride + offset_, /*rw=*/0, /*locality=*/3);
         offset_ += kPrefetchStride;
+      } else if (run_ + 1 < range.runs) {
+        ++run_;
+        offset_ = 0;
       } else {
         ++current_;
+        run_ = 0;
         offset_ = 0;
       }
     }
@@ -226,6 +245,7 @@ class PrefetchStream {
  private:
   ByteRange ranges_[2];
   int current_ = 0;
+  int64_t run_ = 0;
   int64_t offset_ = 0;
   int64_t lines_per_step_ = 0;
 };

@@ -106,14 +106,14 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
     const int32_t begin = span.begin;
     const int32_t end = span.end;
 
-    // When the item's heads of a span form one contiguous range (dense NHD, all heads), each
-    // head's turn prefetches one slice of the next span's range through a PrefetchStream fed
-    // by the kernels' inner loops; otherwise the kernels prefetch the next span row by row.
+    // When the item's heads lie side by side in the token rows (NHD), each head's turn
+    // prefetches one slice of the next span's bytes through a PrefetchStream fed by the
+    // kernels' inner loops; otherwise the kernels prefetch the next span row by row.
     const int32_t item_heads = item.end_kv_head - item.first_kv_head;
-    const ByteRange next_keys = next_span_range(key_cache, params.key_layout, next, item_heads,
-                                                params.num_kv_heads);
+    const ByteRange next_keys = next_span_range(key_cache, params.key_layout, next,
+                                                item.first_kv_head, item_heads);
     const ByteRange next_values = next_span_range(value_cache, params.value_layout, next,
-                                                  item_heads, params.num_kv_heads);
+                                                  item.first_kv_head, item_heads);
 
     for (int32_t kv_head = item.first_kv_head; kv_head < item.end_kv_head; ++kv_head) {
       const int32_t local_head = (kv_head - item.first_kv_head) * group_size;
