@@ -3,10 +3,11 @@
 `empty_pool` allocates one pool tensor. On a Linux CPU it first asks the kernel to back the
 pool with transparent huge pages (madvise MADV_HUGEPAGE) before any page of it is touched.
 Decode reads blocks scattered over the whole pool, so with 4 KiB pages nearly every block
-starts with a TLB miss and a page walk; with 2 MiB pages those almost vanish. Measured on the
-CPU decode headline case (16 x 8192 tokens, bf16, 8 KV heads, head 128, block 32, 2 threads):
-58 ms with 4 KiB pages against 42-48 ms with huge pages (bench/bench_decode.py enables huge
-pages for every method it times, so its comparisons stay fair).
+starts with a TLB miss and a page walk; with 2 MiB pages those almost vanish. The gain is
+modest: on the CPU decode headline case (16 x 8192 tokens, 8 KV heads, head 128, block 32, 2
+threads), timed in one process alternating between a 4 KiB-page pool and a huge-page pool, 14
+calls each, the medians were 46.4 -> 44.1 ms (bf16) and 75.5 -> 73.3 ms (fp32).
+bench/bench_decode.py runs every method it times on huge pages, so its comparisons stay fair.
 
 The advice is a hint: with transparent huge pages set to "never" the kernel ignores it, and the
 pool behaves exactly as a plain torch.empty one. It changes no value and no layout.
