@@ -59,6 +59,13 @@ struct AttendedRange {
     end_block = (length + block_size - 1) / block_size;
   }
   int64_t num_blocks() const { return end_block - first_block; }
+  // The attended rows [first_row, end_row) of logical block `block`.
+  int32_t first_row(int64_t block, int64_t block_size) const {
+    return static_cast<int32_t>(std::max<int64_t>(first_token - block * block_size, 0));
+  }
+  int32_t end_row(int64_t block, int64_t block_size) const {
+    return static_cast<int32_t>(std::min<int64_t>(seq_len - block * block_size, block_size));
+  }
 };
 
 // How one call is split into work items, and where partial results go. Made once per call by

@@ -87,18 +87,16 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   // The spans of the item's blocks in order; following(span) is the one after it.
   const auto span_in = [&](int64_t block, int32_t from) {
     if (block >= end_block) return Span{};
-    const int64_t block_start = block * block_size;
     Span span;
     span.block = block;
     span.physical = block_table[block];
-    span.begin = std::max(from, static_cast<int32_t>(std::max<int64_t>(range.first_token - block_start, 0)));
-    const int64_t block_end = std::min<int64_t>(range.seq_len - block_start, block_size);
-    span.end = static_cast<int32_t>(std::min<int64_t>(block_end, (span.begin / kSpanTokens + 1) * kSpanTokens));
+    span.begin = std::max(from, range.first_row(block, block_size));
+    span.end = std::min(range.end_row(block, block_size), (span.begin / kSpanTokens + 1) * kSpanTokens);
     return span;
   };
   const auto following = [&](const Span& span) {
-    const int64_t block_end = std::min<int64_t>(range.seq_len - span.block * block_size, block_size);
-    return span.end < block_end ? span_in(span.block, span.end) : span_in(span.block + 1, 0);
+    return span.end < range.end_row(span.block, block_size) ? span_in(span.block, span.end)
+                                                            : span_in(span.block + 1, 0);
   };
 
   for (Span span = span_in(first_block, 0); span.valid();) {
