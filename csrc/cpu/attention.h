@@ -227,8 +227,10 @@ class PrefetchStream {
     lines_per_step_ = expected_steps > 0 ? (lines + expected_steps - 1) / expected_steps : lines;
   }
 
-  void step() {
-    for (int64_t line = 0; line < lines_per_step_ && current_ < 2; ++line) {
+  // Prefetches the lines of `count` steps.
+  void step(int64_t count = 1) {
+    const int64_t lines = count * lines_per_step_;
+    for (int64_t line = 0; line < lines && current_ < 2; ++line) {
       const ByteRange& range = ranges_[current_];
       if (run_ < range.runs && offset_ < range.run_bytes) {
         __builtin_prefetch(range.first + run_ * range.run_stride + offset_, /*rw=*/0, /*locality=*/3);
@@ -247,6 +249,10 @@ class PrefetchStream {
   void finish() {
     lines_per_step_ = INT64_MAX;
     step();
+  }
+  // The steps of `total` that fall to part `index` of `parts` equal parts.
+  static int64_t share(int64_t total, int64_t index, int64_t parts) {
+    return total * (index + 1) / parts - total * index / parts;
   }
 
  private:

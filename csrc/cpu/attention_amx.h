@@ -104,12 +104,10 @@ struct AmxScores {
         _tile_loadd(1, keys.rows + t * keys.token_stride + 32 * c, row_bytes);
         _tile_loadd(2, packed + c * 16 * group_size, 4 * group_size);
         _tile_dpbf16ps(0, 1, 2);
+        stream.step(PrefetchStream::share(16, c, chunks));
       }
       _tile_stored(0, tile, 4 * group_size);
-      for (int32_t token = t; token < t + 16; ++token) {
-        next.prefetch(token);
-        stream.step();
-      }
+      for (int32_t token = t; token < t + 16; ++token) next.prefetch(token);
       for (int32_t g = 0; g < group_size; ++g) {
         const __m512 scores = _mm512_i32gather_ps(token_offsets, tile + g, 4);
         _mm512_storeu_ps(workspace.scores + g * plan.padded_block_size + t, _mm512_mul_ps(scores, scale));
@@ -152,11 +150,12 @@ struct AmxValues {
       for (int32_t t = values.begin; t < values.end; t += 16) {
         const int32_t tokens = std::min<int32_t>(16, values.end - t);
         if (pass == 0) {
-          for (int32_t token = t; token < t + tokens; ++token) {
-            next.prefetch(token);
-            stream.step();
-          }
+          for (int32_t token = t; token < t + tokens; ++token) next.prefetch(token);
         }
+        // One prefetch step per token of the group, spread over its tile products.
+        const auto step_after_tile = [&](int32_t tile) {
+          stream.step(PrefetchStream::share(tokens, pass + tile, chunks));
+        };
         load_weights(workspace.scores + t, plan.padded_block_size, group_size, tokens);
         const BFloat16* rows = values.rows + t * values.token_stride + 32 * pass;
         int64_t row_bytes = values.token_stride * static_cast<int64_t>(sizeof(BFloat16));
@@ -169,17 +168,21 @@ struct AmxValues {
         // Tile numbers are immediates, hence one line per tile.
         _tile_loadd(1, rows, row_bytes);
         _tile_dpbf16ps(4, 3, 1);
+        step_after_tile(0);
         if (pass_chunks > 1) {
           _tile_loadd(1, rows + 32, row_bytes);
           _tile_dpbf16ps(5, 3, 1);
+          step_after_tile(1);
         }
         if (pass_chunks > 2) {
           _tile_loadd(1, rows + 64, row_bytes);
           _tile_dpbf16ps(6, 3, 1);
+          step_after_tile(2);
         }
         if (pass_chunks > 3) {
           _tile_loadd(1, rows + 96, row_bytes);
           _tile_dpbf16ps(7, 3, 1);
+          step_after_tile(3);
         }
       }
       add_sums(accumulators + 32 * pass, group_size, pass_chunks, plan);
