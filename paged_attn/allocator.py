@@ -423,14 +423,37 @@ class BlockTable:
         pending.extend(token_ids)
         block_size = self.block_size
         while len(pending) >= block_size:
-            block_index = len(self._block_hashes)
-            parent_hash = self._block_hashes[-1] if self._block_hashes else None
-            self._block_hashes.append(
-                self._allocator.cache_full_block(
-                    self._block_ids[block_index], parent_hash, pending[:block_size]
-                )
-            )
+            self._key_next_block(pending[:block_size])
             del pending[:block_size]
+
+    def key_full_blocks(self, token_ids: Sequence[int]) -> None:
+        """Enter each full block not keyed yet into the prefix cache (no-op when it is off).
+
+        For tables grown with counts only: a serving engine appends a step's
+        tokens before it knows them (they are sampled from that step). Pass the
+        sequence's tokens from its start, at least `num_tokens` of them, after
+        they are written. A block already released by `release_blocks_before`
+        is not entered, but its key still extends the chain to later blocks.
+        """
+        if not self._allocator.enable_prefix_caching:
+            return
+        if len(token_ids) < self._num_tokens:
+            raise ValueError(f"{len(token_ids)} token ids given for {self._num_tokens} tokens")
+        block_size = self.block_size
+        for block_index in range(len(self._block_hashes), self._num_tokens // block_size):
+            self._key_next_block(token_ids[block_index * block_size:(block_index + 1) * block_size])
+
+    def _key_next_block(self, token_ids: Sequence[int]) -> None:
+        """Key the first block without a key, which holds `token_ids`, chained on the one before."""
+        block_index = len(self._block_hashes)
+        parent_hash = self._block_hashes[-1] if self._block_hashes else None
+        block_id = self._block_ids[block_index]
+        if block_id == NO_BLOCK:
+            self._block_hashes.append(hash_block_tokens(parent_hash, token_ids))
+        else:
+            self._block_hashes.append(
+                self._allocator.cache_full_block(block_id, parent_hash, token_ids)
+            )
 
     def reuse_cached_prefix(self, prompt_token_ids: Sequence[int]) -> int:
         """Start an empty table on the cached blocks that hold the prompt's longest prefix.

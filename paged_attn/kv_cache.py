@@ -250,6 +250,13 @@ class PagedKVCache(Cache):
             self._note_usage()
         return seq_id
 
+    def key_full_blocks(self, seq_id: int, token_ids: list[int]) -> None:
+        """Enter the sequence's newly filled blocks into the prefix cache.
+
+        `token_ids`: the sequence's tokens from its start (see `BlockTable.key_full_blocks`).
+        """
+        self._table(seq_id).key_full_blocks(token_ids)
+
     def fork_sequence(self, seq_id: int) -> int:
         """A new sequence sharing every block of `seq_id` (copy-on-write); returns its id."""
         child = self._next_seq_id

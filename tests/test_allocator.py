@@ -314,6 +314,55 @@ def test_count_only_append_stops_caching_for_that_sequence():
     assert BlockTable(allocator).reuse_cached_prefix([1, 2, 3, 4, 5]) == 2
 
 
+def test_key_full_blocks_caches_a_count_only_table_like_a_token_append():
+    allocator = BlockAllocator(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    tokens = [1, 2, 3, 4, 5]
+    table = BlockTable(allocator)
+    table.append(num_tokens=3)
+    table.key_full_blocks(tokens)
+    table.append(num_tokens=2)
+    table.key_full_blocks(tokens)
+    assert allocator.num_cached_blocks == 0, "blocks in use are not counted as cached"
+    table.free()
+    assert allocator.num_cached_blocks == 2, "the partial last block is never keyed"
+    assert BlockTable(allocator).reuse_cached_prefix(tokens + [6]) == 4
+    assert BlockTable(allocator).reuse_cached_prefix([1, 2, 9, 9, 9]) == 2
+
+
+def test_key_full_blocks_wants_every_token_and_is_off_without_prefix_caching():
+    caching = BlockAllocator(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    table = BlockTable(caching)
+    table.append(num_tokens=4)
+    with pytest.raises(ValueError, match="3 token ids given for 4 tokens"):
+        table.key_full_blocks([1, 2, 3])
+
+    plain = BlockAllocator(num_blocks=4, block_size=2)
+    table = BlockTable(plain)
+    table.append(num_tokens=4)
+    table.key_full_blocks([1, 2, 3, 4])
+    table.free()
+    assert plain.num_cached_blocks == 0
+
+
+def test_key_full_blocks_chains_over_a_released_block():
+    allocator = BlockAllocator(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    tokens = [1, 2, 3, 4, 5, 6]
+    table = BlockTable(allocator)
+    table.append(num_tokens=6)
+    first_block, *later_blocks = table.block_ids
+    table.release_blocks_before(2)
+    table.key_full_blocks(tokens)
+    assert allocator.refcount(first_block) == 0
+    table.free()
+    assert allocator.num_cached_blocks == 2, "the released block is not entered"
+    assert BlockTable(allocator).reuse_cached_prefix(tokens + [7]) == 0, "its prefix is gone"
+    # Once the first block is cached again, the later ones are found under their chained keys.
+    filled_table(allocator, tokens[:2])
+    reused = BlockTable(allocator)
+    assert reused.reuse_cached_prefix(tokens + [7]) == 6
+    assert reused.block_ids[1:] == later_blocks
+
+
 def test_prefix_caching_off_caches_nothing():
     allocator = BlockAllocator(num_blocks=8, block_size=2)
     filled_table(allocator, [1, 2, 3, 4]).free()

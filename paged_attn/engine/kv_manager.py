@@ -7,14 +7,14 @@ and swaps them back. It also answers the scheduler's questions in blocks; those 
 bounds, so a step that was planned to fit never runs out of blocks halfway through a forward pass.
 
 Prefix caching: after every forward pass the engine calls `register_full_blocks`, which keys each
-newly filled block by its tokens, chained over the blocks before it (`BlockAllocator.
-cache_full_block`). A later sequence whose tokens start the same way picks those blocks up in
+newly filled block by its tokens, chained over the blocks before it (`BlockTable.
+key_full_blocks`). A later sequence whose tokens start the same way picks those blocks up in
 `add_sequence` and computes only the rest. Freed keyed blocks stay cached until evicted (LRU).
 """
 
 from __future__ import annotations
 
-from paged_attn.allocator import NO_BLOCK, PrefixCacheStats, hash_block_tokens
+from paged_attn.allocator import NO_BLOCK, PrefixCacheStats
 from paged_attn.engine.request import Request, RequestState, Sequence
 from paged_attn.engine.swap import CpuSwapPool
 from paged_attn.kv_cache import PagedKVCache
@@ -79,7 +79,6 @@ class KVManager:
     def start_prefill(self, sequence: Sequence) -> int:
         """Put the sequence in the cache, on its cached prefix; returns the tokens that covers."""
         sequence.seq_id = self.cache.add_sequence(prompt_token_ids=sequence.token_ids)
-        sequence.block_hashes = []
         return self.cache.seq_len(sequence.seq_id)
 
     def fork(self, sequence: Sequence) -> Sequence:
@@ -99,21 +98,8 @@ class KVManager:
 
     def register_full_blocks(self, sequences: list[Sequence]) -> None:
         """Key the sequences' newly filled blocks in the prefix cache (no-op when it is off)."""
-        if not self.cache.allocator.enable_prefix_caching:
-            return
         for sequence in sequences:
-            num_full = self.cache.seq_len(sequence.seq_id) // self.block_size
-            if num_full <= len(sequence.block_hashes):
-                continue
-            block_ids = self.cache.block_ids(sequence.seq_id)
-            for index in range(len(sequence.block_hashes), num_full):
-                tokens = sequence.token_ids[index * self.block_size:(index + 1) * self.block_size]
-                parent = sequence.block_hashes[-1] if sequence.block_hashes else None
-                if block_ids[index] == NO_BLOCK:  # released by a sliding window: only chain on
-                    sequence.block_hashes.append(hash_block_tokens(parent, tokens))
-                else:
-                    sequence.block_hashes.append(
-                        self.cache.allocator.cache_full_block(block_ids[index], parent, tokens))
+            self.cache.key_full_blocks(sequence.seq_id, sequence.token_ids)
 
     # Preemption ---------------------------------------------------------------------------
 
@@ -140,4 +126,3 @@ class KVManager:
         for sequence in request.sequences:
             sequence.seq_id = self.swap_pool.swap_in(sequence.swapped)
             sequence.swapped = None
-            sequence.block_hashes = []

@@ -117,8 +117,6 @@ class Sequence:
     seq_id: int | None = None
     swapped: SwappedSequence | None = None
     finish_reason: str | None = None
-    # Prefix-cache keys of the leading full blocks registered since the KV last moved.
-    block_hashes: list[int] = field(default_factory=list)
 
     @property
     def generated_token_ids(self) -> list[int]:
@@ -131,7 +129,7 @@ class Sequence:
     def branch(self, seq_id: int | None) -> Sequence:
         """A sibling with the same tokens, living in cache sequence `seq_id` (a fork of ours)."""
         return Sequence(list(self.token_ids), self.num_prompt_tokens, self.cumulative_logprob,
-                        seq_id=seq_id, block_hashes=list(self.block_hashes))
+                        seq_id=seq_id)
 
     def completion(self, beam_score: float | None = None) -> CompletionOutput:
         return CompletionOutput(self.generated_token_ids, self.finish_reason or "length",
