@@ -106,13 +106,17 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
     const int32_t end = span.end;
 
     // Prefetching the next span. When it is one contiguous range per cache (dense NHD, the
-    // item has every head) and the cache is fp32, the hardware prefetchers alone stream it
-    // best: fp32 moves the most bytes per operation, memory time dominates, and software
-    // prefetches only competed with the hardware for the core's fill buffers (16 x 8192
-    // tokens, timed alternately in one process: block 32 89 -> 67 ms without them). Narrower
-    // caches spend longer computing per byte, the hardware streams fall behind meanwhile, and
-    // a prefetch stream spread over the compute pays: bf16 with AMX, one step after each tile
-    // product, block 32 70 -> 57 ms and block 128 51 -> 44 ms; fp16 block 32 62 -> 55 ms. When
+    // item has every head) and the cache is fp32 with GQA, the hardware prefetchers alone
+    // stream it best: fp32 moves the most bytes per operation, memory time dominates, and
+    // software prefetches only competed with the hardware for the core's fill buffers (16 x
+    // 8192 tokens, 32/8 heads, timed alternately in one process: block 32 89 -> 67 ms without
+    // them). Narrower caches spend longer computing per byte, the hardware streams fall behind
+    // meanwhile, and a prefetch stream spread over the compute pays: bf16 with AMX, one step
+    // after each tile product, block 32 70 -> 57 ms and block 128 51 -> 44 ms; fp16 block 32
+    // 62 -> 55 ms. At the other end, fp32 without GQA (one query head per KV head) consumes
+    // rows faster than the hardware streams run ahead, and the stream pays there too (16 x
+    // 4096 tokens, 8/8 heads: 46-56 -> 37-41 ms in three runs; 4 x 2048, 32/32 heads: faster
+    // in three runs of four). When
     // the item's heads are a run within each token row (NHD, some heads), each head's turn
     // prefetches one slice of those runs through the stream (fp32, 4 x 2048 tokens, 32 KV
     // heads, 16 per item: 35 -> 28 ms with it). Otherwise (HND) the kernels prefetch the next
@@ -122,8 +126,8 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
                                                 item.first_kv_head, item_heads);
     const ByteRange next_values = next_span_range(value_cache, params.value_layout, next,
                                                   item.first_kv_head, item_heads);
-    const bool hardware_prefetch =
-        std::is_same_v<KV, float> && next_keys.runs == 1 && next_values.runs == 1;
+    const bool hardware_prefetch = std::is_same_v<KV, float> && group_size > 1 &&
+                                   next_keys.runs == 1 && next_values.runs == 1;
 
     for (int32_t kv_head = item.first_kv_head; kv_head < item.end_kv_head; ++kv_head) {
       const int32_t local_head = (kv_head - item.first_kv_head) * group_size;
