@@ -125,7 +125,7 @@ def test_gqa_groups_wider_than_one_register_tile(isa, dtype, num_heads):
 
 AMX_GRID = pairwise({
     "heads": [(8, 8), (16, 4), (32, 4), (24, 2), (32, 2)],  # GQA 1, 4, 8, 12, 16 (tile widths)
-    "head_size": [64, 128, 256],
+    "head_size": [64, 96, 128, 256],  # 2, 3, 4 and 8 value-sum tiles
     "block_size": [16, 32, 128],
     "layout": ["nhd", "hnd", "interleaved_kv"],
     "window": [0, 45],

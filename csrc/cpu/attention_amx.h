@@ -220,9 +220,9 @@ struct AmxValues {
                        const AttentionPlan& plan) {
     alignas(64) float sums[4][2 * AmxTiles::kMaxValueGroup][16];
     _tile_stored(4, sums[0], 64);
-    _tile_stored(5, sums[1], 64);
-    _tile_stored(6, sums[2], 64);
-    _tile_stored(7, sums[3], 64);
+    if (chunks > 1) _tile_stored(5, sums[1], 64);
+    if (chunks > 2) _tile_stored(6, sums[2], 64);
+    if (chunks > 3) _tile_stored(7, sums[3], 64);
     const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for (int32_t c = 0; c < chunks; ++c) {
