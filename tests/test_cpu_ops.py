@@ -148,6 +148,18 @@ def test_bf16_on_every_tile_shape(params, monkeypatch):
         run_and_check(case)
 
 
+@pytest.mark.parametrize("dtype,num_kv_heads", [(torch.float32, 17), (torch.bfloat16, 34)])
+@pytest.mark.parametrize("window", [0, 45])
+def test_wide_rows_take_narrow_spans(isa, dtype, num_kv_heads, window):
+    """Items whose token rows exceed 8 KiB walk blocks in 16-token spans instead of 32 (fp32 with
+    17 KV heads of 128, bf16 with 34): spans that start mid-block under a sliding window, blocks
+    of 64 holding four spans, sequences ending inside a span."""
+    case = make_decode_case(seq_lens=[1, 15, 16, 17, 100, 200, 33, 64, 65], num_heads=num_kv_heads,
+                            num_kv_heads=num_kv_heads, head_size=128, block_size=64, dtype=dtype,
+                            sliding_window=window)
+    run_and_check(case)
+
+
 def test_values_past_the_sequence_never_leak(isa):
     """The last block's unused V (and K) slots hold NaN and huge values; neither may reach the
     output, even multiplied by a zero weight."""

@@ -85,13 +85,16 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   const int32_t* block_table = params.block_tables + item.seq * params.block_table_stride;
 
   // The spans of the item's blocks in order; following(span) is the one after it.
+  const int32_t tokens_per_span = span_tokens(
+      int64_t{item.end_kv_head - item.first_kv_head} * head_size * static_cast<int64_t>(sizeof(KV)));
   const auto span_in = [&](int64_t block, int32_t from) {
     if (block >= end_block) return Span{};
     Span span;
     span.block = block;
     span.physical = block_table[block];
     span.begin = std::max(from, range.first_row(block, block_size));
-    span.end = std::min(range.end_row(block, block_size), (span.begin / kSpanTokens + 1) * kSpanTokens);
+    span.end = std::min(range.end_row(block, block_size),
+                        (span.begin / tokens_per_span + 1) * tokens_per_span);
     return span;
   };
   const auto following = [&](const Span& span) {
