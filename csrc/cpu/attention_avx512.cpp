@@ -11,12 +11,9 @@
 // read, since a padded cache may hold NaN there). 16-bit rows are loaded 16 elements (32
 // bytes) at a time and widened to fp32 in registers; bf16 x bf16 dot products instead use
 // vdpbf16ps on 32-element chunks, which multiplies pairs of bf16 exactly and adds in fp32.
-// The aim is work per (token, KV head) under the time its K and V rows take to arrive from
-// DRAM: about 60 ns for bf16 head_size 128 at the ~8.5 GB/s one core of this 2-core machine
-// reads. Dot products are reduced 16 at a time and accumulators stay in registers; still, the
-// bf16 path measures 36-50 ns per (token, KV head) with its data in L2, over half the memory
-// time, so the kernel reaches the memory's pace only as far as the two overlap (see the
-// prefetching notes in attention_item.h).
+// Dot products are reduced 16 at a time and accumulators stay in registers, yet bf16 takes
+// 36-50 ns per (token, KV head) from L2, over half the ~60 ns its rows take from DRAM on one
+// core here: memory pace needs the overlap that attention_item.h's prefetching provides.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -55,7 +55,8 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   const int32_t head_size = params.head_size;
   const int64_t row_length = plan.padded_head_size;
   const int32_t first_query_head = item.first_kv_head * group_size;
-  const int32_t num_query_heads = (item.end_kv_head - item.first_kv_head) * group_size;
+  const int32_t item_heads = item.end_kv_head - item.first_kv_head;
+  const int32_t num_query_heads = item_heads * group_size;
   const int64_t block_size = params.key_layout.block_size;
 
   const AttendedRange range(params.seq_lens[item.seq], params.sliding_window, block_size);
@@ -85,8 +86,8 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   const int32_t* block_table = params.block_tables + item.seq * params.block_table_stride;
 
   // The spans of the item's blocks in order; following(span) is the one after it.
-  const int32_t tokens_per_span = span_tokens(
-      int64_t{item.end_kv_head - item.first_kv_head} * head_size * static_cast<int64_t>(sizeof(KV)));
+  const int32_t tokens_per_span =
+      span_tokens(int64_t{item_heads} * head_size * static_cast<int64_t>(sizeof(KV)));
   const auto span_in = [&](int64_t block, int32_t from) {
     if (block >= end_block) return Span{};
     Span span;
@@ -102,35 +103,35 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
                                                             : span_in(span.block + 1, 0);
   };
 
+  // Prefetching the next span. When it is one contiguous range per cache (dense NHD, the item
+  // has every head) and the cache is fp32 with GQA, the hardware prefetchers alone stream it
+  // best: fp32 moves the most bytes per operation, memory time dominates, and software
+  // prefetches only competed with the hardware for the core's fill buffers (16 x 8192 tokens,
+  // 32/8 heads, timed alternately in one process: block 32 89 -> 67 ms without them). Narrower
+  // caches spend longer computing per byte, the hardware streams fall behind meanwhile, and a
+  // prefetch stream spread over the compute pays: bf16 with AMX, one step after each tile
+  // product, block 32 70 -> 57 ms and block 128 51 -> 44 ms; fp16 block 32 62 -> 55 ms. At the
+  // other end, fp32 without GQA (one query head per KV head) consumes rows faster than the
+  // hardware streams run ahead, and the stream pays there too (16 x 4096 tokens, 8/8 heads:
+  // 46-56 -> 37-41 ms in three runs; 4 x 2048, 32/32 heads: faster in three runs of four).
+  // When the item's heads are a run within each token row (NHD, some heads), each head's turn
+  // prefetches one slice of those runs through the stream (fp32, 4 x 2048 tokens, 32 KV heads,
+  // 16 per item: 35 -> 28 ms with it). Otherwise (HND) the kernels prefetch the next span row
+  // by row.
+  const bool dtype_prefers_hardware_prefetch = std::is_same_v<KV, float> && group_size > 1;
+
   for (Span span = span_in(first_block, 0); span.valid();) {
     const Span next = following(span);
     const int64_t block_start = span.block * block_size;
     const int32_t begin = span.begin;
     const int32_t end = span.end;
 
-    // Prefetching the next span. When it is one contiguous range per cache (dense NHD, the
-    // item has every head) and the cache is fp32 with GQA, the hardware prefetchers alone
-    // stream it best: fp32 moves the most bytes per operation, memory time dominates, and
-    // software prefetches only competed with the hardware for the core's fill buffers (16 x
-    // 8192 tokens, 32/8 heads, timed alternately in one process: block 32 89 -> 67 ms without
-    // them). Narrower caches spend longer computing per byte, the hardware streams fall behind
-    // meanwhile, and a prefetch stream spread over the compute pays: bf16 with AMX, one step
-    // after each tile product, block 32 70 -> 57 ms and block 128 51 -> 44 ms; fp16 block 32
-    // 62 -> 55 ms. At the other end, fp32 without GQA (one query head per KV head) consumes
-    // rows faster than the hardware streams run ahead, and the stream pays there too (16 x
-    // 4096 tokens, 8/8 heads: 46-56 -> 37-41 ms in three runs; 4 x 2048, 32/32 heads: faster
-    // in three runs of four). When
-    // the item's heads are a run within each token row (NHD, some heads), each head's turn
-    // prefetches one slice of those runs through the stream (fp32, 4 x 2048 tokens, 32 KV
-    // heads, 16 per item: 35 -> 28 ms with it). Otherwise (HND) the kernels prefetch the next
-    // span row by row.
-    const int32_t item_heads = item.end_kv_head - item.first_kv_head;
     const ByteRange next_keys = next_span_range(key_cache, params.key_layout, next,
                                                 item.first_kv_head, item_heads);
     const ByteRange next_values = next_span_range(value_cache, params.value_layout, next,
                                                   item.first_kv_head, item_heads);
-    const bool hardware_prefetch = std::is_same_v<KV, float> && group_size > 1 &&
-                                   next_keys.runs == 1 && next_values.runs == 1;
+    const bool hardware_prefetch =
+        dtype_prefers_hardware_prefetch && next_keys.runs == 1 && next_values.runs == 1;
 
     for (int32_t kv_head = item.first_kv_head; kv_head < item.end_kv_head; ++kv_head) {
       const int32_t local_head = (kv_head - item.first_kv_head) * group_size;
