@@ -354,20 +354,18 @@ def measure_case(case: Case, args, probe: common.BandwidthProbe, vllm: VllmWorke
     paged = PagedInputs(case, seed, args.device)
     methods = {"ours": paged.run, "gather_sdpa": GatherSdpa(paged).run,
                "sdpa_contiguous": ContiguousSdpa(case, seed, args.device).run}
+    # Timed like the methods, but computes no attention to compare.
+    references = {"read_only": PagedRead(paged).run} if args.device == "cpu" else {}
     timers = {name: (lambda fn: lambda copy: common.time_call(lambda: fn(copy), args.device))(fn)
-              for name, fn in methods.items()}
+              for name, fn in {**methods, **references}.items()}
     result = {"case": asdict(case), "kv_bytes": case.kv_bytes, "copies": case.copies}
-    if args.device == "cpu":
-        read_only = PagedRead(paged)
-        read_only.run(0)
-        timers["read_only"] = lambda copy: common.time_call(lambda: read_only.run(copy))
     if vllm is not None:
         result["vllm_isa"] = vllm.prepare(case, seed)
         timers["vllm"] = vllm.run
 
     # Warm-up, and the check that every method computes the same attention.
     expected = methods["sdpa_contiguous"](0).float().cpu()
-    for name, fn in methods.items():
+    for name, fn in {**methods, **references}.items():
         for copy in range(2):
             fn(copy)
     outputs = {name: fn(0).float().cpu() for name, fn in methods.items()}
