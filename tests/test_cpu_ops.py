@@ -1,9 +1,10 @@
 """The CPU kernels of every paged_attn op against the float64 oracle in paged_attn/reference.py.
 
-Every test runs each CPU variant: the portable C++ kernels, the AVX-512 ones and AVX-512 with
-AMX tiles for bf16 scores, chosen through the PAGED_ATTN_CPU_ISA override (see
-csrc/cpu/isa.h). On a CPU without a variant, that variant must refuse with a clear error
-instead of running, so no test skips. Inputs come from
+Every test runs each CPU variant: the portable C++ kernels, the AVX-512 ones, AVX-512 with
+AMX tiles for bf16 scores and value sums, and the same AMX code on the software model of the
+tiles (csrc/cpu/amx_tiles.h), chosen through the PAGED_ATTN_CPU_ISA override (see
+csrc/cpu/isa.h). The model is what executes the AMX code on a CPU without AMX; on a CPU without
+a variant, that variant must refuse with a clear error instead of running, so no test skips. Inputs come from
 tests/cases.py: shuffled physical blocks, NaN in every unused cache slot and in the output.
 """
 
@@ -18,10 +19,11 @@ from cases import (FP8, LAYOUTS, assert_matches_reference, case_id, empty_cache_
                    fp8_scale_for, make_decode_case, pairwise)
 
 OPS = torch.ops.paged_attn
-ISAS = ("portable", "avx512", "amx")
+ISAS = ("portable", "avx512", "amx", "amx-emulated")
 # The /proc/cpuinfo flags each variant needs (what csrc/cpu/isa.cpp checks through cpuid).
 ISA_FLAGS = {"portable": (), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-             "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")}
+             "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
+             "amx-emulated": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
 
 
 def cpu_has(isa: str) -> bool:
@@ -217,7 +219,7 @@ def test_alibi_matches_bloom_convention(isa):
 def test_isa_override_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("PAGED_ATTN_CPU_ISA", "sse9")
     case = make_decode_case(seq_lens=[3], num_heads=2, num_kv_heads=1, head_size=64, block_size=4)
-    with pytest.raises(ValueError, match="PAGED_ATTN_CPU_ISA must be auto, portable, avx512 or amx"):
+    with pytest.raises(ValueError, match="PAGED_ATTN_CPU_ISA must be auto, portable, avx512, amx or amx-emulated"):
         case.run(OPS.paged_attention)
 
 

@@ -148,10 +148,12 @@ void combine_partitions(const PagedAttentionParams& params, const AttentionPlan&
 void run_paged_attention(const PagedAttentionParams& params) {
   if (params.num_seqs == 0) return;
   const CpuIsa isa = selected_isa();
-  const ItemKernel kernel =
-      isa == CpuIsa::kPortable
-          ? portable_item_kernel(params.query_dtype, params.key_layout.dtype)
-          : avx512_item_kernel(params.query_dtype, params.key_layout.dtype, isa == CpuIsa::kAmx);
+  const AmxMode tiles = isa == CpuIsa::kAmx           ? AmxMode::kHardware
+                        : isa == CpuIsa::kAmxEmulated ? AmxMode::kEmulated
+                                                      : AmxMode::kNone;
+  const ItemKernel kernel = isa == CpuIsa::kPortable
+                                ? portable_item_kernel(params.query_dtype, params.key_layout.dtype)
+                                : avx512_item_kernel(params.query_dtype, params.key_layout.dtype, tiles);
   const int64_t num_workers = at::get_num_threads();
   AttentionPlan plan = make_plan(params, num_workers);
 

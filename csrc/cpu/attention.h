@@ -288,7 +288,9 @@ using ItemKernel = void (*)(const PagedAttentionParams& params, const AttentionP
 // Selection of the item kernel for a dtype pair. The AVX-512 variant must only be called on a
 // CPU that has AVX-512 F/BW/VL/BF16 (see isa.h).
 ItemKernel portable_item_kernel(ScalarKind query, ScalarKind cache);
-// use_amx: bf16 scores through AMX tiles; only when cpu_supports_amx().
-ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache, bool use_amx);
+// How the AVX-512 variant runs bf16 scores and value sums: without AMX, on the AMX tiles
+// (only when cpu_supports_amx()), or on the software model of the tiles (tests).
+enum class AmxMode { kNone, kHardware, kEmulated };
+ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache, AmxMode tiles);
 
 }  // namespace paged_attn::cpu

@@ -3,13 +3,16 @@
 // cache. Part of the AVX-512 translation unit (attention_avx512.cpp includes this file under
 // its target pragma, after its own helpers); never compiled on its own.
 //
-// One tile configuration serves a whole work item (AmxTiles::configure):
+// One tile configuration serves a whole work item (configure_tiles):
 //   tmm0  scores       16 tokens x G fp32          (C of the score product)
 //   tmm1  cache rows   16 tokens x 32 bf16         (A of the scores: K; B of the values: V)
 //   tmm2  queries      16 dim pairs x G bf16 pairs (B of the scores)
 //   tmm3  weights      2G rows x 32 bf16           (A of the values)
 //   tmm4-7 value sums  2G rows x 16 fp32           (C of the values, one per 32 columns)
 // where G is the GQA group size. The value tiles exist only for G <= 8 (2G tile rows).
+//
+// Every loop is a template over `Tiles` (amx_tiles.h): the AMX instructions themselves, or the
+// software model of the tile registers with which tests run these loops on CPUs without AMX.
 #pragma once
 
 #include <immintrin.h>
@@ -17,37 +20,33 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/attention.h"
 
 namespace paged_attn::cpu {
 namespace {
 
-struct AmxTiles {
-  struct alignas(64) Config {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t bytes_per_row[16] = {};
-    uint8_t rows[16] = {};
-  };
+// Query heads per KV head up to which the value sums run on tiles (2 tile rows per head).
+constexpr int32_t kMaxValueGroup = 8;
 
-  static void configure(int32_t group_size) {
-    Config config;
-    config.rows[0] = config.rows[1] = config.rows[2] = 16;
-    config.bytes_per_row[0] = static_cast<uint16_t>(4 * group_size);  // fp32 score per head
-    config.bytes_per_row[1] = 64;                                      // 32 bf16 of a row
-    config.bytes_per_row[2] = static_cast<uint16_t>(4 * group_size);   // bf16 pair per head
-    if (group_size <= kMaxValueGroup) {
-      for (int tile = 3; tile < 8; ++tile) {
-        config.rows[tile] = static_cast<uint8_t>(2 * group_size);
-        config.bytes_per_row[tile] = 64;
-      }
+// One configuration for every tile a work item uses, in the table at the top of this file.
+template <class Tiles>
+void configure_tiles(int32_t group_size) {
+  TileConfig config;
+  config.rows[0] = config.rows[1] = config.rows[2] = 16;
+  config.bytes_per_row[0] = static_cast<uint16_t>(4 * group_size);  // fp32 score per head
+  config.bytes_per_row[1] = 64;                                      // 32 bf16 of a row
+  config.bytes_per_row[2] = static_cast<uint16_t>(4 * group_size);   // bf16 pair per head
+  if (group_size <= kMaxValueGroup) {
+    for (int tile = 3; tile < 8; ++tile) {
+      config.rows[tile] = static_cast<uint8_t>(2 * group_size);
+      config.bytes_per_row[tile] = 64;
     }
-    _tile_loadconfig(&config);
   }
-  static constexpr int32_t kMaxValueGroup = 8;
-};
+  Tiles::configure(config);
+}
 
 // bf16 scores on AMX: one TDPBF16PS multiplies a 16 x 32 tile of K (16 tokens, 32 dims, loaded
 // straight from the cache with the token stride) by a 32 x G tile of the group's queries and
@@ -55,6 +54,7 @@ struct AmxTiles {
 // instructions instead of 16 * G AVX-512 dot products. The query tile must be in the "VNNI"
 // layout: row r holds, for each head n, the pair (q_n[2r], q_n[2r + 1]); begin_item packs it
 // once per item into workspace.packed, [item KV head][dim chunk][16 rows][G pairs].
+template <class Tiles>
 struct AmxScores {
   static bool applicable(const AttentionPlan& plan) {
     return plan.head_size % 32 == 0 && plan.group_size <= 16;
@@ -75,8 +75,6 @@ struct AmxScores {
         }
       }
     }
-    // The tile loads are inline assembly that the compiler does not know reads `packed`.
-    asm volatile("" ::: "memory");
   }
 
   // Scores of the whole groups of 16 tokens in [keys.begin, keys.end); returns where the
@@ -99,14 +97,14 @@ struct AmxScores {
     alignas(64) float tile[16 * 16];
     int32_t t = keys.begin;
     for (; t + 16 <= keys.end; t += 16) {
-      _tile_zero(0);
+      Tiles::template zero<0>();
       for (int32_t c = 0; c < chunks; ++c) {
-        _tile_loadd(1, keys.rows + t * keys.token_stride + 32 * c, row_bytes);
-        _tile_loadd(2, packed + c * 16 * group_size, 4 * group_size);
-        _tile_dpbf16ps(0, 1, 2);
+        Tiles::template load<1>(keys.rows + t * keys.token_stride + 32 * c, row_bytes);
+        Tiles::template load<2>(packed + c * 16 * group_size, 4 * group_size);
+        Tiles::template dot_bf16<0, 1, 2>();
         stream.step(PrefetchStream::share(16, c, chunks));
       }
-      _tile_stored(0, tile, 4 * group_size);
+      Tiles::template store<0>(tile, 4 * group_size);
       for (int32_t token = t; token < t + 16; ++token) next.prefetch(token);
       for (int32_t g = 0; g < group_size; ++g) {
         const __m512 scores = _mm512_i32gather_ps(token_offsets, tile + g, 4);
@@ -127,9 +125,10 @@ struct AmxScores {
 // columns x G heads cost one tile instruction. A partial group of fewer than 16 tokens is
 // copied, zero-padded, into a scratch first: the rows after the last attended token may be
 // NaN, and 0 * NaN would poison the sums.
+template <class Tiles>
 struct AmxValues {
   static bool applicable(const AttentionPlan& plan) {
-    return plan.head_size % 32 == 0 && plan.group_size <= AmxTiles::kMaxValueGroup;
+    return plan.head_size % 32 == 0 && plan.group_size <= kMaxValueGroup;
   }
 
   // accumulators[g] += sum_t p[g][t] * v_t over the attended tokens of one block; weights p:
@@ -143,19 +142,15 @@ struct AmxValues {
     const NextRows next = next_rows(values);
     for (int32_t pass = 0; pass < chunks; pass += kTilesPerPass) {
       const int32_t pass_chunks = std::min(kTilesPerPass, chunks - pass);
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
+      Tiles::template zero<4>();
+      Tiles::template zero<5>();
+      Tiles::template zero<6>();
+      Tiles::template zero<7>();
       for (int32_t t = values.begin; t < values.end; t += 16) {
         const int32_t tokens = std::min<int32_t>(16, values.end - t);
         if (pass == 0) {
           for (int32_t token = t; token < t + tokens; ++token) next.prefetch(token);
         }
-        // One prefetch step per token of the group, spread over its tile products.
-        const auto step_after_tile = [&](int32_t tile) {
-          stream.step(PrefetchStream::share(tokens, pass + tile, chunks));
-        };
         load_weights(workspace.scores + t, plan.padded_block_size, group_size, tokens);
         const BFloat16* rows = values.rows + t * values.token_stride + 32 * pass;
         int64_t row_bytes = values.token_stride * static_cast<int64_t>(sizeof(BFloat16));
@@ -165,25 +160,20 @@ struct AmxValues {
           rows = padded;
           row_bytes = 64 * kTilesPerPass;
         }
-        // Tile numbers are immediates, hence one line per tile.
-        _tile_loadd(1, rows, row_bytes);
-        _tile_dpbf16ps(4, 3, 1);
-        step_after_tile(0);
-        if (pass_chunks > 1) {
-          _tile_loadd(1, rows + 32, row_bytes);
-          _tile_dpbf16ps(5, 3, 1);
-          step_after_tile(1);
-        }
-        if (pass_chunks > 2) {
-          _tile_loadd(1, rows + 64, row_bytes);
-          _tile_dpbf16ps(6, 3, 1);
-          step_after_tile(2);
-        }
-        if (pass_chunks > 3) {
-          _tile_loadd(1, rows + 96, row_bytes);
-          _tile_dpbf16ps(7, 3, 1);
-          step_after_tile(3);
-        }
+        // Value-sum tile 4 + c takes columns 32c.. of the pass, then one prefetch step per
+        // token of the group is spread over the pass's tile products.
+        const auto product = [&](auto sum_tile) {
+          constexpr int kSumTile = decltype(sum_tile)::value;
+          constexpr int kChunk = kSumTile - 4;
+          if (kChunk >= pass_chunks) return;
+          Tiles::template load<1>(rows + 32 * kChunk, row_bytes);
+          Tiles::template dot_bf16<kSumTile, 3, 1>();
+          stream.step(PrefetchStream::share(tokens, pass + kChunk, chunks));
+        };
+        product(std::integral_constant<int, 4>{});
+        product(std::integral_constant<int, 5>{});
+        product(std::integral_constant<int, 6>{});
+        product(std::integral_constant<int, 7>{});
       }
       add_sums(accumulators + 32 * pass, group_size, pass_chunks, plan);
     }
@@ -193,14 +183,14 @@ struct AmxValues {
   // Tile 3 <- the weight rows of 16 tokens (fewer: zeros after `tokens`).
   static void load_weights(const float* weights, int64_t weight_stride, int32_t group_size,
                            int32_t tokens) {
-    alignas(64) uint32_t rows[2 * AmxTiles::kMaxValueGroup][16];
+    alignas(64) uint32_t rows[2 * kMaxValueGroup][16];
     for (int32_t g = 0; g < group_size; ++g) {
       const __m512 p = _mm512_maskz_loadu_ps(first_lanes16(tokens), weights + g * weight_stride);
       const __m512i low = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(p)));
       _mm512_store_si512(rows[2 * g], low);                            // (p, 0) pairs
       _mm512_store_si512(rows[2 * g + 1], _mm512_slli_epi32(low, 16));  // (0, p) pairs
     }
-    _tile_loadd(3, rows, 64);
+    Tiles::template load<3>(rows, 64);
   }
 
   // Copies `tokens` rows of 32 * chunks columns into [16][32 * kTilesPerPass], zeros after.
@@ -218,11 +208,11 @@ struct AmxValues {
   // accumulators[g][32c + 2n (+1)] += row 2g (2g + 1) of value-sum tile 4 + c, column n.
   static void add_sums(float* accumulators, int32_t group_size, int32_t chunks,
                        const AttentionPlan& plan) {
-    alignas(64) float sums[4][2 * AmxTiles::kMaxValueGroup][16];
-    _tile_stored(4, sums[0], 64);
-    if (chunks > 1) _tile_stored(5, sums[1], 64);
-    if (chunks > 2) _tile_stored(6, sums[2], 64);
-    if (chunks > 3) _tile_stored(7, sums[3], 64);
+    alignas(64) float sums[4][2 * kMaxValueGroup][16];
+    Tiles::template store<4>(sums[0], 64);
+    if (chunks > 1) Tiles::template store<5>(sums[1], 64);
+    if (chunks > 2) Tiles::template store<6>(sums[2], 64);
+    if (chunks > 3) Tiles::template store<7>(sums[3], 64);
     const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for (int32_t c = 0; c < chunks; ++c) {

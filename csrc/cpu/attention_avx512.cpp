@@ -1,7 +1,8 @@
 // The AVX-512 work-item kernel of paged_attention (F/BW/VL/BF16: Sapphire Rapids, Zen 4).
 //
 // Only this file is compiled for AVX-512 (and AMX), through a target pragma; isa.cpp decides at
-// run time whether it may be called, and whether its AMX path may run. Every header is
+// run time whether it may be called, and whether its AMX path runs on the hardware's tiles or
+// on the software model of them (amx_tiles.h). Every header is
 // included *before* the pragma so that the inline functions they define stay baseline code;
 // the algorithm (attention_item.h) and the AMX inner loops (attention_amx.h) are included
 // after it and keep internal linkage, so only this file's copy ever runs with AVX-512.
@@ -21,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -435,8 +438,16 @@ struct Bf16PairTile {
 namespace paged_attn::cpu {
 namespace {
 
-template <bool kAmx>
+// NoTiles: AVX-512 only. Otherwise the bf16 x bf16 items run their scores and value sums on
+// AMX tiles through `Tiles` (HardwareTiles or EmulatedTiles, amx_tiles.h).
+struct NoTiles {};
+
+template <class Tiles>
 struct Avx512Isa {
+  static constexpr bool kAmx = !std::is_same_v<Tiles, NoTiles>;
+  using Scores = AmxScores<Tiles>;
+  using Values = AmxValues<Tiles>;
+
   // scores[g][t] = score_scale * q_g . k_t for the attended tokens t of one block.
   // bf16 x bf16 uses vdpbf16ps on the cache rows; fp32 uses the cache rows as they are; other
   // caches (fp16, fp8) are first widened into workspace.block, once for all heads of the group.
@@ -446,9 +457,10 @@ struct Avx512Isa {
                           const Workspace& workspace, PrefetchStream& stream) {
     const NextRows next = next_rows(keys);
     if constexpr (std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>) {
-      const int32_t rest = kAmx && AmxScores::applicable(plan)
-                               ? AmxScores::score_groups(queries, keys, score_scale, plan, workspace, stream)
-                               : keys.begin;
+      int32_t rest = keys.begin;
+      if constexpr (kAmx) {
+        if (Scores::applicable(plan)) rest = Scores::score_groups(queries, keys, score_scale, plan, workspace, stream);
+      }
       ScoreRows<Bf16Dot>::run(Bf16Dot{queries.raw, queries.raw_head_stride}, keys.rows,
                               keys.token_stride, rest, keys.end, queries.group_size,
                               score_scale, next, stream, plan, workspace.scores);
@@ -501,7 +513,7 @@ struct Avx512Isa {
   static constexpr bool kTiles = kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>;
   template <typename Q, typename KV>
   static bool amx_values(const AttentionPlan& plan) {
-    return kTiles<Q, KV> && AmxScores::applicable(plan) && AmxValues::applicable(plan);
+    return kTiles<Q, KV> && Scores::applicable(plan) && Values::applicable(plan);
   }
 
   // accumulators[g] += sum_t p[g][t] * v_t over the attended tokens of one block, with the
@@ -515,7 +527,7 @@ struct Avx512Isa {
                                const Workspace& workspace, PrefetchStream& stream) {
     if constexpr (kTiles<Q, KV>) {
       if (amx_values<Q, KV>(plan)) {
-        AmxValues::accumulate(values, group_size, accumulators, plan, workspace, stream);
+        Values::accumulate(values, group_size, accumulators, plan, workspace, stream);
         return;
       }
     }
@@ -554,26 +566,26 @@ struct Avx512Isa {
   static void begin_item(const PagedAttentionParams& params, const AttentionPlan& plan,
                          const WorkItem& item, const Workspace& workspace) {
     if constexpr (kTiles<Q, KV>) {
-      if (!AmxScores::applicable(plan)) return;
-      AmxTiles::configure(plan.group_size);
+      if (!Scores::applicable(plan)) return;
+      configure_tiles<Tiles>(plan.group_size);
       const BFloat16* query = static_cast<const BFloat16*>(params.query) +
                               item.seq * params.query_seq_stride +
                               int64_t{item.first_kv_head} * plan.group_size * params.query_head_stride;
-      AmxScores::pack_queries(query, params.query_head_stride,
+      Scores::pack_queries(query, params.query_head_stride,
                               std::min(item.end_kv_head, params.num_kv_heads) - item.first_kv_head,
                               plan.group_size, plan.head_size,
                               reinterpret_cast<uint32_t*>(workspace.packed));
     }
   }
   static void end_item() {
-    if constexpr (kAmx) _tile_release();
+    if constexpr (kAmx) Tiles::release();
   }
 
   // Prefetch steps the kernels take per head and block: one per (query head, token) while
   // scoring on AVX-512, one per token with AMX scores, one per token while accumulating.
   template <typename Q, typename KV>
   static int64_t prefetch_steps(int32_t group_size, int32_t tokens, const AttentionPlan& plan) {
-    const bool amx_scores = kTiles<Q, KV> && AmxScores::applicable(plan);
+    const bool amx_scores = kTiles<Q, KV> && Scores::applicable(plan);
     return int64_t{amx_scores ? 2 : group_size + 1} * tokens;
   }
 
@@ -588,9 +600,14 @@ struct Avx512Isa {
 
 }  // namespace
 
-ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache, bool use_amx) {
-  return use_amx ? select_item_kernel<Avx512Isa<true>>(query, cache)
-                 : select_item_kernel<Avx512Isa<false>>(query, cache);
+ItemKernel avx512_item_kernel(ScalarKind query, ScalarKind cache, AmxMode tiles) {
+  // Tiles serve only bf16 queries on a bf16 cache; every other pair runs the same code either
+  // way, so only that pair is compiled once per tile implementation.
+  if (tiles == AmxMode::kNone || query != ScalarKind::kBFloat16 || cache != ScalarKind::kBFloat16) {
+    return select_item_kernel<Avx512Isa<NoTiles>>(query, cache);
+  }
+  return tiles == AmxMode::kHardware ? &attend_work_item<Avx512Isa<HardwareTiles>, BFloat16, BFloat16>
+                                      : &attend_work_item<Avx512Isa<EmulatedTiles>, BFloat16, BFloat16>;
 }
 
 }  // namespace paged_attn::cpu

@@ -44,12 +44,12 @@ CpuIsa selected_isa() {
                                    : CpuIsa::kPortable;
   }
   if (choice == "portable") return CpuIsa::kPortable;
-  if (choice == "avx512") {
+  if (choice == "avx512" || choice == "amx-emulated") {
     if (!cpu_supports_avx512()) {
-      throw std::invalid_argument(
-          "paged_attn: PAGED_ATTN_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/BF16");
+      throw std::invalid_argument("paged_attn: PAGED_ATTN_CPU_ISA=" + choice +
+                                  " but this CPU lacks AVX-512 F/BW/VL/BF16");
     }
-    return CpuIsa::kAvx512;
+    return choice == "avx512" ? CpuIsa::kAvx512 : CpuIsa::kAmxEmulated;
   }
   if (choice == "amx") {
     if (!cpu_supports_amx()) {
@@ -59,7 +59,8 @@ CpuIsa selected_isa() {
     return CpuIsa::kAmx;
   }
   throw std::invalid_argument(
-      "paged_attn: PAGED_ATTN_CPU_ISA must be auto, portable, avx512 or amx, got '" + choice + "'");
+      "paged_attn: PAGED_ATTN_CPU_ISA must be auto, portable, avx512, amx or amx-emulated, got '" +
+      choice + "'");
 }
 
 }  // namespace paged_attn::cpu

@@ -2,14 +2,16 @@
 //
 // By default the best variant the CPU supports runs. The environment variable
 // PAGED_ATTN_CPU_ISA overrides it: "portable" forces the plain C++ kernels, "avx512" the
-// AVX-512 kernels, "amx" the AVX-512 kernels with AMX tiles for bf16 scores (each an error on a
-// CPU without it), "auto" or unset picks. It is read at every call, so tests can run every
-// variant in one process.
+// AVX-512 kernels, "amx" the AVX-512 kernels with AMX tiles for bf16 scores and value sums
+// (each an error on a CPU without it), "auto" or unset picks. "amx-emulated" runs the AMX
+// kernels on a software model of the tiles (csrc/cpu/amx_tiles.h), on any AVX-512 CPU: it is
+// slow, and exists so that tests execute the AMX code where the hardware lacks AMX. The
+// variable is read at every call, so tests can run every variant in one process.
 #pragma once
 
 namespace paged_attn::cpu {
 
-enum class CpuIsa { kPortable, kAvx512, kAmx };
+enum class CpuIsa { kPortable, kAvx512, kAmx, kAmxEmulated };
 
 // True when the CPU and the OS support AVX-512 F, BW, VL and BF16 (Sapphire Rapids, Zen 4 and
 // later): everything attention_avx512.cpp is compiled for.
