@@ -72,6 +72,7 @@ AttentionPlan make_plan(const PagedAttentionParams& params, int64_t num_workers)
   plan.head_size = params.head_size;
   plan.padded_head_size = round_up(params.head_size, kHeadPadding);
   plan.padded_block_size = round_up(block_size, kFloatsPerLine);
+  plan.fp32_gqa_hardware_prefetch = cpu_is_intel();
   return plan;
 }
 

@@ -80,6 +80,8 @@ struct AttentionPlan {
   int32_t head_size;
   int64_t padded_head_size;      // head_size rounded up to kHeadPadding (workspace row length)
   int64_t padded_block_size;     // block_size rounded up to kFloatsPerLine (score row length)
+  bool fp32_gqa_hardware_prefetch;  // fp32 GQA items leave contiguous spans to the hardware
+                                    // prefetchers (Intel; see attend_work_item)
   float* partial_accumulators;   // [num_seqs, num_heads, partitions_per_seq, padded_head_size]
                                  // unnormalised outputs; nullptr when partitions_per_seq == 1
   SoftmaxState* partial_states;  // [num_seqs, num_heads, partitions_per_seq]; nullptr likewise

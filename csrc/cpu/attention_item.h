@@ -104,21 +104,24 @@ void attend_work_item(const PagedAttentionParams& params, const AttentionPlan& p
   };
 
   // Prefetching the next span. When it is one contiguous range per cache (dense NHD, the item
-  // has every head) and the cache is fp32 with GQA, the hardware prefetchers alone stream it
-  // best: fp32 moves the most bytes per operation, memory time dominates, and software
-  // prefetches only competed with the hardware for the core's fill buffers (16 x 8192 tokens,
-  // 32/8 heads, timed alternately in one process: block 32 89 -> 67 ms without them). Narrower
-  // caches spend longer computing per byte, the hardware streams fall behind meanwhile, and a
-  // prefetch stream spread over the compute pays: bf16 with AMX, one step after each tile
-  // product, block 32 70 -> 57 ms and block 128 51 -> 44 ms; fp16 block 32 62 -> 55 ms. At the
-  // other end, fp32 without GQA (one query head per KV head) consumes rows faster than the
-  // hardware streams run ahead, and the stream pays there too (16 x 4096 tokens, 8/8 heads:
-  // 46-56 -> 37-41 ms in three runs; 4 x 2048, 32/32 heads: faster in three runs of four).
-  // When the item's heads are a run within each token row (NHD, some heads), each head's turn
-  // prefetches one slice of those runs through the stream (fp32, 4 x 2048 tokens, 32 KV heads,
-  // 16 per item: 35 -> 28 ms with it). Otherwise (HND) the kernels prefetch the next span row
-  // by row.
-  const bool dtype_prefers_hardware_prefetch = std::is_same_v<KV, float> && group_size > 1;
+  // has every head) and the cache is fp32 with GQA, Intel's hardware prefetchers alone stream
+  // it best: fp32 moves the most bytes per operation, memory time dominates, and software
+  // prefetches only competed with the hardware for the core's fill buffers (Sapphire Rapids,
+  // 16 x 8192 tokens, 32/8 heads, timed alternately in one process: block 32 89 -> 67 ms
+  // without them). On AMD Zen 4 the same case is faster with the stream (16 x 2048 tokens:
+  // block 32 18.7 -> 16.4 ms, block 128 19.5 -> 17.6 ms), so the driver decides by vendor
+  // (plan.fp32_gqa_hardware_prefetch). Narrower caches spend longer computing per byte, the
+  // hardware streams fall behind meanwhile, and a prefetch stream spread over the compute
+  // pays: bf16 with AMX, one step after each tile product, block 32 70 -> 57 ms and block 128
+  // 51 -> 44 ms; fp16 block 32 62 -> 55 ms. At the other end, fp32 without GQA (one query head
+  // per KV head) consumes rows faster than the hardware streams run ahead, and the stream pays
+  // there too (16 x 4096 tokens, 8/8 heads: 46-56 -> 37-41 ms in three runs; 4 x 2048, 32/32
+  // heads: faster in three runs of four). When the item's heads are a run within each token
+  // row (NHD, some heads), each head's turn prefetches one slice of those runs through the
+  // stream (fp32, 4 x 2048 tokens, 32 KV heads, 16 per item: 35 -> 28 ms with it). Otherwise
+  // (HND) the kernels prefetch the next span row by row.
+  const bool dtype_prefers_hardware_prefetch =
+      std::is_same_v<KV, float> && group_size > 1 && plan.fp32_gqa_hardware_prefetch;
 
   for (Span span = span_in(first_block, 0); span.valid();) {
     const Span next = following(span);

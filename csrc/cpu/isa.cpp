@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -33,6 +34,19 @@ bool cpu_supports_amx() {
            syscall(SYS_arch_prctl, kArchRequestXcompPermission, kXfeatureTileData) == 0;
   }();
   return supported;
+}
+
+bool cpu_is_intel() {
+  static const bool intel = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    char vendor[13] = {};
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    return std::string(vendor) == "GenuineIntel";
+  }();
+  return intel;
 }
 
 CpuIsa selected_isa() {

@@ -21,6 +21,10 @@ bool cpu_supports_avx512();
 // (Linux arch_prctl ARCH_REQ_XCOMP_PERM, requested on the first call).
 bool cpu_supports_amx();
 
+// True on Intel CPUs (cpuid vendor GenuineIntel): some prefetch choices were measured to go
+// the other way on AMD (see attention_item.h).
+bool cpu_is_intel();
+
 // The variant to run now; throws std::invalid_argument for a bad PAGED_ATTN_CPU_ISA value.
 CpuIsa selected_isa();
 
