@@ -102,7 +102,7 @@ Workspace thread_workspace(const AttentionPlan& plan) {
   thread_local ReusableBuffer buffer;
   const int64_t item_heads = int64_t{plan.kv_heads_per_item} * plan.group_size;
   const int64_t head_rows = item_heads * plan.padded_head_size;
-  const int64_t score_floats = plan.group_size * plan.padded_block_size;
+  const int64_t score_floats = item_heads * plan.padded_block_size;
   // workspace.block holds a block of fp32 K rows, or the group's bf16 weights of a block.
   const int64_t block_floats = plan.padded_block_size * std::max<int64_t>(plan.padded_head_size, plan.group_size);
   float* floats = buffer.floats(3 * head_rows + score_floats + block_floats);

@@ -108,7 +108,8 @@ struct AttentionPlan {
 struct Workspace {
   float* queries;        // [kv_heads_per_item * group_size, padded_head_size] fp32 queries
   float* accumulators;   // [kv_heads_per_item * group_size, padded_head_size] sum_t p_t * v_t
-  float* scores;         // [group_size, padded_block_size] scores, then probabilities, of a block
+  float* scores;         // [kv_heads_per_item * group_size, padded_block_size] scores, then
+                         // probabilities, of a span; a group's policy calls get its own rows
   float* block;          // [padded_block_size, padded_head_size] one block's K rows in fp32,
                          // or [group_size, padded_block_size] bf16 weights of a block
   SoftmaxState* states;  // [kv_heads_per_item * group_size] running softmax of each query head

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -256,21 +257,41 @@ struct ScoreRows {
     }
   };
 
-  static void run(const Dot& dot, const typename Dot::Key* rows, int64_t row_stride, int32_t begin,
-                  int32_t end, int32_t group_size, float score_scale, const NextRows& next,
+  // Tiles of 1, 2, 4, ... up to kMaxTileHeads heads; index i holds 2^i heads (and 16 >> i
+  // tokens). Only those tiles are instantiated.
+  static constexpr int kTileSizes = std::bit_width(static_cast<unsigned>(Dot::kMaxTileHeads));
+  template <bool kFull, size_t... kIndex>
+  static constexpr auto tiles(std::index_sequence<kIndex...>) {
+    return std::array{&Tile<(1 << kIndex), kFull>::run...};
+  }
+  static constexpr auto kFullTiles = tiles<true>(std::make_index_sequence<kTileSizes>{});
+  static constexpr auto kPartialTiles = tiles<false>(std::make_index_sequence<kTileSizes>{});
+  // The largest tile for `heads` remaining heads.
+  static int tile_index(int32_t heads) {
+    return std::bit_width(static_cast<unsigned>(std::min<int32_t>(heads, Dot::kMaxTileHeads))) - 1;
+  }
+
+  // The scores of every query head of `kv_heads` KV heads whose rows share each token row
+  // (head k's row starts k * head_stride elements after head 0's), one token tile at a time
+  // across all heads, so that several heads' K rows are read in address order. A group splits
+  // into tiles of 16, 8, 4, 2 and 1 heads; the token tile is the largest tile's.
+  static void run(const Dot& dot, const typename Dot::Key* rows, int64_t head_stride,
+                  int32_t kv_heads, int64_t row_stride, int32_t begin, int32_t end,
+                  int32_t group_size, float score_scale, const NextRows& next,
                   PrefetchStream& stream, const AttentionPlan& plan, float* scores) {
-    const bool whole = plan.head_size % Dot::kStep == 0;
-    for (int32_t head = 0; head < group_size;) {
-      const int32_t left = std::min<int32_t>(group_size - head, Dot::kMaxTileHeads);
-      const int heads = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const auto tile = heads == 16 ? (whole ? &Tile<16, true>::run : &Tile<16, false>::run)
-                        : heads == 8 ? (whole ? &Tile<8, true>::run : &Tile<8, false>::run)
-                        : heads == 4 ? (whole ? &Tile<4, true>::run : &Tile<4, false>::run)
-                        : heads == 2 ? (whole ? &Tile<2, true>::run : &Tile<2, false>::run)
-                                     : (whole ? &Tile<1, true>::run : &Tile<1, false>::run);
-      tile(dot, head, rows, row_stride, begin, end, score_scale, head == 0 ? &next : nullptr,
-           stream, plan, scores);
-      head += heads;
+    const auto& kernels = plan.head_size % Dot::kStep == 0 ? kFullTiles : kPartialTiles;
+    const int32_t token_step = 16 >> tile_index(group_size);
+    for (int32_t t = begin; t < end; t += token_step) {
+      const int32_t tile_end = std::min(end, t + token_step);
+      for (int32_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+        for (int32_t head = 0; head < group_size;) {
+          const int index = tile_index(group_size - head);
+          const bool first = kv_head == 0 && head == 0;
+          kernels[index](dot, kv_head * group_size + head, rows + kv_head * head_stride, row_stride,
+                         t, tile_end, score_scale, first ? &next : nullptr, stream, plan, scores);
+          head += 1 << index;
+        }
+      }
     }
   }
 };
@@ -445,42 +466,46 @@ struct Avx512Isa {
   using Scores = AmxScores<Tiles>;
   using Values = AmxValues<Tiles>;
 
-  // scores[g][t] = score_scale * q_g . k_t for the attended tokens t of one block.
-  // bf16 x bf16 uses vdpbf16ps on the cache rows; fp32 uses the cache rows as they are; other
-  // caches (fp16, fp8) are first widened into workspace.block, once for all heads of the group.
+  // scores[k * group_size + g][t] = score_scale * q_g . k_t of KV head k < kv_heads for the
+  // attended tokens t of one span, head k's rows starting k * head_stride elements after
+  // `keys.rows`. bf16 x bf16 uses vdpbf16ps on the cache rows (or, for one KV head, the AMX
+  // tiles); fp32 uses the cache rows as they are; other caches (fp16, fp8) are first widened
+  // into workspace.block, once for all query heads of the group (one KV head per call).
   template <typename Q, typename KV>
   static void score_block(const QueryGroup<Q>& queries, const BlockRows<KV>& keys,
-                          float score_scale, const AttentionPlan& plan,
-                          const Workspace& workspace, PrefetchStream& stream) {
+                          int32_t kv_heads, int64_t head_stride, float score_scale,
+                          const AttentionPlan& plan, const Workspace& workspace,
+                          PrefetchStream& stream) {
     const NextRows next = next_rows(keys);
+    const int32_t group_size = queries.group_size;
     if constexpr (std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>) {
       int32_t rest = keys.begin;
       if constexpr (kAmx) {
-        if (Scores::applicable(plan)) rest = Scores::score_groups(queries, keys, score_scale, plan, workspace, stream);
+        if (Scores::applicable(plan) && kv_heads == 1) {
+          rest = Scores::score_groups(queries, keys, score_scale, plan, workspace, stream);
+        }
       }
       ScoreRows<Bf16Dot>::run(Bf16Dot{queries.raw, queries.raw_head_stride}, keys.rows,
-                              keys.token_stride, rest, keys.end, queries.group_size,
-                              score_scale, next, stream, plan, workspace.scores);
+                              head_stride, kv_heads, keys.token_stride, rest, keys.end,
+                              group_size, score_scale, next, stream, plan, workspace.scores);
+    } else if constexpr (std::is_same_v<KV, float>) {
+      ScoreRows<Fp32Dot>::run(Fp32Dot{queries.converted, plan.padded_head_size}, keys.rows,
+                              head_stride, kv_heads, keys.token_stride, keys.begin, keys.end,
+                              group_size, score_scale, next, stream, plan, workspace.scores);
     } else {
-      const Fp32Dot dot{queries.converted, plan.padded_head_size};
-      if constexpr (std::is_same_v<KV, float>) {
-        ScoreRows<Fp32Dot>::run(dot, keys.rows, keys.token_stride, keys.begin, keys.end,
-                                queries.group_size, score_scale, next, stream, plan,
-                                workspace.scores);
-      } else {
-        for (int32_t t = keys.begin; t < keys.end; ++t) {
-          next.prefetch(t);
-          stream.step();
-          const KV* key = keys.rows + t * keys.token_stride;
-          float* widened = workspace.block + t * plan.padded_head_size;
-          for (int64_t d = 0; d < plan.head_size; d += 16) {
-            _mm512_store_ps(widened + d, load_floats(key + d, first_lanes16(plan.head_size - d)));
-          }
+      // One KV head: kScoresAcrossHeads is false for the widened caches.
+      for (int32_t t = keys.begin; t < keys.end; ++t) {
+        next.prefetch(t);
+        stream.step();
+        const KV* key = keys.rows + t * keys.token_stride;
+        float* widened = workspace.block + t * plan.padded_head_size;
+        for (int64_t d = 0; d < plan.head_size; d += 16) {
+          _mm512_store_ps(widened + d, load_floats(key + d, first_lanes16(plan.head_size - d)));
         }
-        ScoreRows<Fp32Dot>::run(dot, workspace.block, plan.padded_head_size, keys.begin,
-                                keys.end, queries.group_size, score_scale, NextRows{}, stream,
-                                plan, workspace.scores);
       }
+      ScoreRows<Fp32Dot>::run(Fp32Dot{queries.converted, plan.padded_head_size}, workspace.block,
+                              0, 1, plan.padded_head_size, keys.begin, keys.end, group_size,
+                              score_scale, NextRows{}, stream, plan, workspace.scores);
     }
   }
 
@@ -508,6 +533,14 @@ struct Avx512Isa {
   // Whether an item runs on AMX tiles (configured in begin_item): bf16 queries and cache.
   template <typename Q, typename KV>
   static constexpr bool kTiles = kAmx && std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>;
+  // Whether an item should score all its KV heads in one score_block call when their rows
+  // share each token row: for the pairs that score straight from the cache rows, unless the
+  // AMX tiles serve them (one KV head at a time). The widened caches (fp16, fp8) stay one
+  // head per call: widening reads one head's rows at a time anyway, so the order gains
+  // nothing there.
+  template <typename Q, typename KV>
+  static constexpr bool kScoresAcrossHeads =
+      !kTiles<Q, KV> && (std::is_same_v<KV, float> || (std::is_same_v<Q, BFloat16> && std::is_same_v<KV, BFloat16>));
   template <typename Q, typename KV>
   static bool amx_values(const AttentionPlan& plan) {
     return kTiles<Q, KV> && Scores::applicable(plan) && Values::applicable(plan);

@@ -23,30 +23,41 @@ struct PortableIsa {
     for (int64_t d = head_size; d < row_length; ++d) row[d] = 0.0f;
   }
 
-  // scores[g][t] = score_scale * q_g . k_t for the attended tokens t of one block.
+  // scores[k * group_size + g][t] = score_scale * q_g . k_t of KV head k < kv_heads for the
+  // attended tokens t of one span, head k's rows starting k * head_stride elements after
+  // `keys.rows`; token by token across the heads, so rows that share a token row are read in
+  // address order.
   template <typename Q, typename KV>
   static void score_block(const QueryGroup<Q>& queries, const BlockRows<KV>& keys,
-                          float score_scale, const AttentionPlan& plan,
-                          const Workspace& workspace, PrefetchStream& stream) {
+                          int32_t kv_heads, int64_t head_stride, float score_scale,
+                          const AttentionPlan& plan, const Workspace& workspace,
+                          PrefetchStream& stream) {
     const int64_t row_length = plan.padded_head_size;
     float* row = workspace.block;
     const NextRows next = next_rows(keys);
     for (int32_t t = keys.begin; t < keys.end; ++t) {
       next.prefetch(t);
-      convert_row(keys.rows + t * keys.token_stride, plan.head_size, row_length, row);
-      for (int32_t g = 0; g < queries.group_size; ++g) {
-        stream.step();
-        const float* query = queries.converted + g * row_length;
-        float lanes[kLanes] = {};
-        for (int64_t d = 0; d < row_length; d += kLanes) {
-          for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += query[d + lane] * row[d + lane];
+      for (int32_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+        convert_row(keys.rows + kv_head * head_stride + t * keys.token_stride, plan.head_size,
+                    row_length, row);
+        for (int32_t g = 0; g < queries.group_size; ++g) {
+          stream.step();
+          const int64_t query_head = int64_t{kv_head} * queries.group_size + g;
+          const float* query = queries.converted + query_head * row_length;
+          float lanes[kLanes] = {};
+          for (int64_t d = 0; d < row_length; d += kLanes) {
+            for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += query[d + lane] * row[d + lane];
+          }
+          float dot = 0.0f;
+          for (float lane : lanes) dot += lane;
+          workspace.scores[query_head * plan.padded_block_size + t] = dot * score_scale;
         }
-        float dot = 0.0f;
-        for (float lane : lanes) dot += lane;
-        workspace.scores[g * plan.padded_block_size + t] = dot * score_scale;
       }
     }
   }
+  // Every pair scores several heads at once as well as one.
+  template <typename Q, typename KV>
+  static constexpr bool kScoresAcrossHeads = true;
 
   // Replaces scores[0..count) by exp(score - max) and returns their (max, sum).
   static SoftmaxState softmax_block(float* scores, int32_t count) {
