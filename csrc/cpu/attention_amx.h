@@ -95,6 +95,7 @@ struct AmxScores {
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(group_size));
     alignas(64) float tile[16 * 16];
+    const StepShare share(16, chunks);
     int32_t t = keys.begin;
     for (; t + 16 <= keys.end; t += 16) {
       Tiles::template zero<0>();
@@ -102,7 +103,7 @@ struct AmxScores {
         Tiles::template load<1>(keys.rows + t * keys.token_stride + 32 * c, row_bytes);
         Tiles::template load<2>(packed + c * 16 * group_size, 4 * group_size);
         Tiles::template dot_bf16<0, 1, 2>();
-        stream.step(PrefetchStream::share(16, c, chunks));
+        stream.step(share[c]);
       }
       Tiles::template store<0>(tile, 4 * group_size);
       for (int32_t token = t; token < t + 16; ++token) next.prefetch(token);
@@ -151,6 +152,7 @@ struct AmxValues {
         if (pass == 0) {
           for (int32_t token = t; token < t + tokens; ++token) next.prefetch(token);
         }
+        const StepShare share(tokens, chunks);
         load_weights(workspace.scores + t, plan.padded_block_size, group_size, tokens);
         const BFloat16* rows = values.rows + t * values.token_stride + 32 * pass;
         int64_t row_bytes = values.token_stride * static_cast<int64_t>(sizeof(BFloat16));
@@ -168,7 +170,7 @@ struct AmxValues {
           if (kChunk >= pass_chunks) return;
           Tiles::template load<1>(rows + 32 * kChunk, row_bytes);
           Tiles::template dot_bf16<kSumTile, 3, 1>();
-          stream.step(PrefetchStream::share(tokens, pass + kChunk, chunks));
+          stream.step(share[pass + kChunk]);
         };
         product(std::integral_constant<int, 4>{});
         product(std::integral_constant<int, 5>{});

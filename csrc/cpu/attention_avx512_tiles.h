@@ -108,8 +108,10 @@ struct ScoreRows {
       const int32_t head_size = plan.head_size;
       const int32_t steps = (head_size + Dot::kStep - 1) / Dot::kStep;
       const __m512 scale = _mm512_set1_ps(score_scale);
+      const StepShare full_tile_share(kHeads * kTokens, steps);
       for (int32_t t = begin; t < end; t += kTokens) {
         const int32_t tokens = std::min<int32_t>(kTokens, end - t);
+        const StepShare share = tokens == kTokens ? full_tile_share : StepShare(kHeads * tokens, steps);
         if (next) {
           for (int32_t token = t; token < t + tokens; ++token) next->prefetch(token);
         }
@@ -120,15 +122,22 @@ struct ScoreRows {
         for (int32_t step = 0; step < steps; ++step) {
           const int64_t d = int64_t{step} * Dot::kStep;
           const typename Dot::Mask lanes = chunk_mask<kFull, Dot>(head_size, d);
-          typename Dot::Chunk keys[kTokens];
-          for (int i = 0; i < kTokens; ++i) keys[i] = Dot::key(key[i] + d, lanes);
-          for (int h = 0; h < kHeads; ++h) {
-            const typename Dot::Chunk query = dot.query(first_head + h, d, lanes);
-            for (int i = 0; i < kTokens; ++i) {
-              sums[h * kTokens + i] = Dot::fma(sums[h * kTokens + i], query, keys[i]);
+          if constexpr (kHeads == 1) {
+            // Each key chunk feeds one product: loaded where it is used, so that 16 keys and
+            // 16 sums need not be live at once (33 vectors would spill).
+            const typename Dot::Chunk query = dot.query(first_head, d, lanes);
+            for (int i = 0; i < kTokens; ++i) sums[i] = Dot::fma(sums[i], query, Dot::key(key[i] + d, lanes));
+          } else {
+            typename Dot::Chunk keys[kTokens];
+            for (int i = 0; i < kTokens; ++i) keys[i] = Dot::key(key[i] + d, lanes);
+            for (int h = 0; h < kHeads; ++h) {
+              const typename Dot::Chunk query = dot.query(first_head + h, d, lanes);
+              for (int i = 0; i < kTokens; ++i) {
+                sums[h * kTokens + i] = Dot::fma(sums[h * kTokens + i], query, keys[i]);
+              }
             }
           }
-          stream.step(PrefetchStream::share(kHeads * tokens, step, steps));
+          stream.step(share[step]);
         }
         __m512 halves[8];
         for (int pair = 0; pair < 8; ++pair) {
