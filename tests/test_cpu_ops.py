@@ -344,6 +344,38 @@ def test_swap_blocks_matches_reference(params):
     assert_bitwise_equal(dst, expected)
 
 
+@pytest.mark.parametrize("isa", ["portable", "avx512"])
+@pytest.mark.parametrize("layout", ["dense", "padded_heads"])
+def test_large_copies_stream_past_the_caches(isa, layout, monkeypatch):
+    """Over 4 MiB the cache ops use non-temporal stores on AVX-512 (memcpy on "portable"),
+    starting and ending on partial lines when rows are not 64-byte aligned (padded heads)."""
+    use_isa(monkeypatch, isa)
+    num_blocks, block_size, heads, head_size = 96, 16, 8, 136  # 96 blocks of 68 KiB
+    width = head_size + (4 if layout == "padded_heads" else 0)
+    source = torch.randn(num_blocks, block_size, heads, width)[..., :head_size]
+    target = torch.full((num_blocks, block_size, heads, width), float("nan"))[..., :head_size]
+    mapping = torch.stack([torch.arange(num_blocks), torch.randperm(num_blocks)], dim=1)
+    paged_attn.swap_blocks(source, target, mapping)
+    assert torch.equal(target[mapping[:, 1]], source[mapping[:, 0]])
+
+    caches = [torch.randn(2 * num_blocks, block_size, heads, width)[..., :head_size] for _ in range(2)]
+    expected = [cache.clone() for cache in caches]
+    pairs = torch.stack([torch.arange(num_blocks), num_blocks + torch.randperm(num_blocks)], dim=1)
+    paged_attn.copy_blocks(caches[:1], caches[1:], pairs)
+    for cache, before in zip(caches, expected):
+        before[pairs[:, 1]] = before[pairs[:, 0]]
+        assert torch.equal(cache, before)
+
+    tokens = num_blocks * block_size
+    key, value = torch.randn(tokens, heads, head_size), torch.randn(tokens, heads, head_size)
+    slots = torch.randperm(tokens).to(torch.int64)
+    key_cache = torch.full((num_blocks, block_size, heads, width), float("nan"))[..., :head_size]
+    value_cache = torch.full_like(key_cache, float("nan"))
+    paged_attn.write_kv(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache.reshape(tokens, heads, head_size)[slots], key)
+    assert torch.equal(value_cache.reshape(tokens, heads, head_size)[slots], value)
+
+
 def test_cache_ops_split_large_copies_across_threads():
     """A copy big enough to be split between workers (the cut can fall inside a block)."""
     src = torch.randn(64, 16, 8, 128)  # 4 MiB

@@ -36,9 +36,11 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")
-// GCC 12 flags its own _mm512_cvtph_ps (avx512fintrin.h) as maybe-uninitialized.
+// GCC 12 flags its own _mm512_cvtph_ps and _mm512_shuffle_f32x4 (avx512fintrin.h), which pass
+// an undefined vector as the unused merge source, as (maybe-)uninitialized.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "cpu/attention_item.h"
 #include "cpu/avx512_vectors.h"

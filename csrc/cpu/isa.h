@@ -6,7 +6,8 @@
 // (each an error on a CPU without it), "auto" or unset picks. "amx-emulated" runs the AMX
 // kernels on a software model of the tiles (csrc/cpu/amx_tiles.h), on any AVX-512 CPU: it is
 // slow, and exists so that tests execute the AMX code where the hardware lacks AMX. The
-// variable is read at every call, so tests can run every variant in one process.
+// variable is read at every call, so tests can run every variant in one process. The cache
+// ops follow it too: large copies use AVX-512 streaming stores unless it says "portable".
 #pragma once
 
 namespace paged_attn::cpu {
