@@ -389,6 +389,7 @@ def measure_case(case: Case, args, probe: common.BandwidthProbe, vllm: VllmWorke
     result["median_ms"] = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
     result["all_ms"] = {name: [1e3 * s for s in t] for name, t in times.items()}
     result["local_bandwidth_gbps"] = max(local_bandwidth)
+    result["local_bandwidth_median_gbps"] = sorted(local_bandwidth)[len(local_bandwidth) // 2]
     return result
 
 
@@ -437,9 +438,16 @@ def done_criteria(results: list[dict]) -> list[str]:
         shares = [r["percent_of_bandwidth"]["ours"] for r in cases]
         floors = [r["percent_of_bandwidth"]["read_only"] for r in cases
                   if "read_only" in r["percent_of_bandwidth"]]
+        # The run's best probe sample is an outlier on a shared machine; the probe's median
+        # over the same case's repeats is a second yardstick, taken in the same time window.
+        local = [100 * r["gbps"]["ours"] / r["local_bandwidth_median_gbps"] for r in cases
+                 if "local_bandwidth_median_gbps" in r]
         if shares:
             context = (f" (a read-only pass over the same blocks reaches {min(floors):.0f}%-"
                        f"{max(floors):.0f}%)" if floors else "")
+            if local:
+                context += (f"; against the probe's median during each case: {min(local):.0f}%-"
+                            f"{max(local):.0f}%")
             lines.append(f"{dtype}: ours reaches {min(shares):.0f}%-{max(shares):.0f}% of the "
                          f"measured bandwidth (target >= {target}%): "
                          f"{'met' if min(shares) >= target else 'NOT met'}{context}")
