@@ -35,8 +35,8 @@ constexpr int64_t kStreamingBytes = 4 * 1024 * 1024;
 // Copies `bytes` with AVX-512 non-temporal stores, the destination's first and last partial
 // lines with memcpy. The stores are weakly ordered: the caller issues _mm_sfence before the
 // data is handed on. Scattered 32 KiB copies on AMD Zen 5, 2 threads: 20.9 -> 23.6 GB/s
-// against glibc's memcpy (2 KiB pieces: 13.6 -> 16.3 GB/s). Only called when
-// cpu_supports_avx512().
+// against glibc's memcpy (2 KiB pieces: 13.6 -> 16.3 GB/s). Only called when the selected
+// instruction set is not "portable", which implies AVX-512 (isa.h).
 __attribute__((target("avx512f"))) void stream_copy(char* destination, const char* source,
                                                     int64_t bytes) {
   const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(destination) % 64);
